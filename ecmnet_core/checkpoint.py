@@ -1,0 +1,165 @@
+"""The ecmnet checkpoint: one file with weights, model config, class metadata and training state.
+
+Everything in it is a tensor, a number, a string, or a list/dict of those, so it loads with
+``torch.load(weights_only=True)``: no arbitrary pickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecmnet_core.model import ECMNet, ModelConfig, build_model
+
+FORMAT = "ecmnet-checkpoint"
+VERSION = 1
+#: The CamVid model shipped with the package, used when no checkpoint is given.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "ecmnet_camvid.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, or does not fit what the caller asked for."""
+
+
+@dataclass
+class Checkpoint:
+    """A model with everything needed to pre- and post-process its inputs and outputs.
+
+    ``mean``/``std`` are per-channel BGR statistics on the 0..255 scale; ``palette`` holds RGB triples.
+    ``input_size`` is the (H, W) the model is meant to run at, or None for native resolution.
+    """
+
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    class_names: list[str]
+    palette: list[list[int]]
+    mean: list[float]
+    std: list[float]
+    ignore_index: int = 255
+    input_size: list[int] | None = None
+    class_weights: list[float] | None = None
+    dataset: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    training_state: dict[str, Any] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def build_model(self, scan_backend: str | None = None) -> ECMNet:
+        """The model with these weights; ``scan_backend`` overrides the stored selective-scan backend."""
+        config = ModelConfig.from_dict({**self.model_config.to_dict(), "scan_backend": scan_backend})
+        model = build_model(config)
+        load_state_into(model, self)
+        return model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_config": self.model_config.to_dict(),
+            "state_dict": self.state_dict,
+            "class_names": list(self.class_names),
+            "palette": [list(map(int, c)) for c in self.palette],
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "ignore_index": int(self.ignore_index),
+            "input_size": list(self.input_size) if self.input_size else None,
+            "class_weights": [float(w) for w in self.class_weights] if self.class_weights else None,
+            "dataset": self.dataset,
+            "metadata": self.metadata,
+            "training_state": self.training_state,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<memory>") -> Checkpoint:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CheckpointError(f"{source}: not an ecmnet checkpoint (no format={FORMAT!r} entry)")
+        if data.get("version", 0) > VERSION:
+            raise CheckpointError(f"{source}: checkpoint version {data['version']} is newer than supported "
+                                  f"({VERSION}); upgrade ecmnet")
+        try:
+            config = ModelConfig.from_dict(data["model_config"])
+            ckpt = cls(
+                model_config=config, state_dict=data["state_dict"], class_names=list(data["class_names"]),
+                palette=[list(c) for c in data["palette"]], mean=list(data["mean"]), std=list(data["std"]),
+                ignore_index=int(data.get("ignore_index", 255)), input_size=data.get("input_size"),
+                class_weights=data.get("class_weights"), dataset=data.get("dataset", ""),
+                metadata=dict(data.get("metadata") or {}), training_state=data.get("training_state"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: malformed checkpoint ({exc})") from exc
+        if config.num_classes != len(ckpt.class_names):
+            raise CheckpointError(f"{source}: model has {config.num_classes} classes but "
+                                  f"{len(ckpt.class_names)} class names are stored")
+        return ckpt
+
+
+def file_sha256(path: str | os.PathLike, length: int = 12) -> str:
+    """Short content hash of a file, reported by the node's diagnostics."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
+    """Write atomically: to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(ckpt.to_dict(), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu",
+                    expect_classes: int | None = None, expect_model: str | None = None) -> Checkpoint:
+    """Load a checkpoint (the packaged default when ``path`` is None) with ``weights_only=True``.
+
+    ``expect_classes`` / ``expect_model`` make a mismatch an error that names the file and both values.
+    """
+    path = Path(path) if path else DEFAULT_CHECKPOINT
+    if not path.is_file():
+        hint = " (the packaged default model is missing: reinstall ecmnet)" if path == DEFAULT_CHECKPOINT else ""
+        raise CheckpointError(f"checkpoint {path} does not exist{hint}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, zip errors
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    ckpt = Checkpoint.from_dict(data, str(path))
+    if expect_classes is not None and ckpt.num_classes != expect_classes:
+        raise CheckpointError(f"checkpoint {path} has {ckpt.num_classes} classes, expected {expect_classes}")
+    if expect_model is not None and ckpt.model_config.name != expect_model:
+        raise CheckpointError(f"checkpoint {path} holds model {ckpt.model_config.name!r}, expected {expect_model!r}")
+    return ckpt
+
+
+def load_state_into(model: nn.Module, ckpt: Checkpoint, source: str = "checkpoint") -> None:
+    """Load weights into an existing model, turning shape mismatches into a clear error."""
+    config = getattr(model, "config", None)
+    if config is not None and _architecture(config) != _architecture(ckpt.model_config):
+        raise CheckpointError(f"{source}: architecture differs from the model being loaded into "
+                              f"({ckpt.model_config.name}, {ckpt.num_classes} classes)")
+    try:
+        model.load_state_dict(ckpt.state_dict)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: weights do not fit the model: {exc}") from exc
+
+
+def _architecture(config: ModelConfig) -> dict[str, Any]:
+    """The parts of a config that decide the weights' shapes (the scan backend does not)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("scan_backend", "extra")}

@@ -1,0 +1,47 @@
+"""``ecmnet-core`` / ``python -m ecmnet_core``: one entry point, one module per sub-command.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only
+when their command runs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("ecmnet_core.cost", "parameters and GMac/GFLOPs of a model configuration"),
+    "bench": ("ecmnet_core.bench", "latency/throughput of the model, or of each selective-scan backend (--scan)"),
+    "train": ("ecmnet_core.train.cli", "train a model from a YAML config with command-line overrides"),
+    "eval": ("ecmnet_core.evaluate", "evaluate a checkpoint on a dataset split (mIoU, per-class IoU)"),
+    "predict": ("ecmnet_core.predict", "segment images, folders or videos"),
+    "pack": ("ecmnet_core.data.shards", "pack a dataset split into tar shards"),
+    "make-bag": ("ecmnet_core.bags.make_bag", "write a rosbag2 from an image folder or dataset split"),
+    "replay": ("ecmnet_core.bags.replay", "evaluate a segmenter on a rosbag2 (offline, or live against a node)"),
+}
+
+
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ecmnet-core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == load:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        build_parser().parse_args(argv or ["--help"])
+        return 2
+    args = build_parser(load=command).parse_args(argv)
+    return int(importlib.import_module(COMMANDS[command][0]).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

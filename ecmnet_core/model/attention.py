@@ -1,0 +1,67 @@
+"""Attention modules of EDAB: channel attention (ECA) and dual-direction attention (DDA)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class ECA(nn.Module):
+    """Efficient channel attention: x * sigmoid(Conv1d_k(avgpool(x))) across channels. (B, C, H, W) -> same."""
+
+    def __init__(self, kernel: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, kernel, padding=kernel // 2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = x.mean(dim=(2, 3)).unsqueeze(1)  # (B, 1, C)
+        w = torch.sigmoid(self.conv(w)).transpose(1, 2).unsqueeze(-1)  # (B, C, 1, 1)
+        return x * w
+
+
+class DDA(nn.Module):
+    """Dual-direction attention: axial self-attention along height and along width, summed.
+
+    q, k: 1x1 conv c -> max(c // 8, 1); v: 1x1 conv c -> c; shared by both passes.
+    Output = x + gamma * (O_h + O_w), gamma initialised to 0. (B, c, H, W) -> same.
+    """
+
+    def __init__(self, channels: int, reduction: int = 8) -> None:
+        super().__init__()
+        self.key_dim = max(channels // reduction, 1)
+        self.query = nn.Conv2d(channels, self.key_dim, 1)
+        self.key = nn.Conv2d(channels, self.key_dim, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    @staticmethod
+    def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        """Softmax attention over the sequence axis: q, k (N, S, dk), v (N, S, c) -> (N, S, c)."""
+        attn = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, dim=-1)
+        return torch.bmm(attn, v)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        scale = 1.0 / math.sqrt(self.key_dim)
+        # height pass: one sequence of length H per column
+        qh = q.permute(0, 3, 2, 1).reshape(b * w, h, -1)
+        kh = k.permute(0, 3, 2, 1).reshape(b * w, h, -1)
+        vh = v.permute(0, 3, 2, 1).reshape(b * w, h, c)
+        out_h = self._attend(qh, kh, vh, scale).view(b, w, h, c).permute(0, 3, 2, 1)
+        # width pass: one sequence of length W per row
+        qw = q.permute(0, 2, 3, 1).reshape(b * h, w, -1)
+        kw = k.permute(0, 2, 3, 1).reshape(b * h, w, -1)
+        vw = v.permute(0, 2, 3, 1).reshape(b * h, w, c)
+        out_w = self._attend(qw, kw, vw, scale).view(b, h, w, c).permute(0, 3, 1, 2)
+        return x + self.gamma * (out_h + out_w)
+
+    def attention_macs(self, x_shape: torch.Size) -> int:
+        """Multiply-accumulates of the two attention products for an input of ``x_shape`` (not seen by hooks)."""
+        b, c, h, w = x_shape
+        return b * w * h * h * (self.key_dim + c) + b * h * w * w * (self.key_dim + c)
+
+
+__all__ = ["ECA", "DDA"]

@@ -1,0 +1,91 @@
+"""Convolutional building blocks shared by ECMNet's encoder and decoder (LETNet conventions)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BN_EPS = 1e-3
+
+
+class BNPReLU(nn.Sequential):
+    """BatchNorm2d(eps=1e-3) followed by a per-channel PReLU. (B, C, H, W) -> same."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(nn.BatchNorm2d(channels, eps=BN_EPS), nn.PReLU(channels))
+
+
+class ConvBNPReLU(nn.Sequential):
+    """Bias-free conv, optionally followed by BNPReLU (LETNet's ``Conv`` with ``bn_acti``)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int], stride: int = 1,
+                 padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, groups: int = 1,
+                 bn_acti: bool = True, bias: bool = False) -> None:
+        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups, bias=bias)]
+        if bn_acti:
+            layers.append(BNPReLU(c_out))
+        super().__init__(*layers)
+
+
+class DownSamplingBlock(nn.Module):
+    """Stride-2 reduction. Widening (c_in < c_out): conv to c_out-c_in concatenated with a max-pool of the input.
+
+    (B, c_in, H, W) -> (B, c_out, ceil(H/2), ceil(W/2)).
+    """
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.widen = c_in < c_out
+        self.conv = nn.Conv2d(c_in, c_out - c_in if self.widen else c_out, 3, 2, 1, bias=False)
+        self.pool = nn.MaxPool2d(2, 2, ceil_mode=True) if self.widen else None
+        self.bn_prelu = BNPReLU(c_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv(x)
+        if self.pool is not None:
+            out = torch.cat([out, self.pool(x)], dim=1)
+        return self.bn_prelu(out)
+
+
+class UpsamplingBlock(nn.Sequential):
+    """ConvTranspose2d(k3, s2) + BN + ReLU6: (B, c_in, H, W) -> (B, c_out, 2H, 2W)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(
+            nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1, bias=True),
+            nn.BatchNorm2d(c_out, eps=BN_EPS),
+            nn.ReLU6(inplace=True),
+        )
+
+
+class LongConnection(nn.Sequential):
+    """LETNet's skip projection: 3x1 conv c_in -> c_in/2, then 1x3 conv -> c_out, both with bias."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        mid = c_in // 2
+        super().__init__(nn.Conv2d(c_in, mid, (3, 1), padding=(1, 0)), nn.Conv2d(mid, c_out, (1, 3), padding=(0, 1)))
+
+
+class PA(nn.Module):
+    """Pixel attention: x * sigmoid(conv1x1(x))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.conv(x))
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """ShuffleNet channel shuffle: (B, g*k, H, W) -> interleave the g groups."""
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def resize_to(x: Tensor, ref: Tensor) -> Tensor:
+    """Bilinearly resize x to ref's spatial size when they differ (odd input sizes such as 360x480)."""
+    if x.shape[-2:] == ref.shape[-2:]:
+        return x
+    return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)

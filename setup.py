@@ -1,0 +1,54 @@
+"""ament_python package ``ecmnet_ros``: installs both ``ecmnet_core`` and ``ecmnet_ros``."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "ecmnet_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    description="ECMNet CNN-Mamba semantic segmentation: library, training CLI and ROS 2 node",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ecmnet_core", "ecmnet_core.*", "ecmnet_ros", "ecmnet_ros.*"]),
+    package_data={"ecmnet_core": ["weights/*.pt", "configs/*.yaml"]},
+    include_package_data=True,
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+    ],
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "opencv-python-headless",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+        "rosbags>=0.10",
+        "rosbags-image",
+    ],
+    extras_require={
+        "test": ["pytest", "ruff", "ptflops", "fvcore", "onnx", "onnxruntime", "torchmetrics"],
+        "cost": ["ptflops", "fvcore"],
+        "onnx": ["onnx", "onnxruntime"],
+        "ros": [
+            "ros-rclpy", "ros-rmw-fastrtps-cpp", "ros-sensor-msgs", "ros-std-msgs", "ros-diagnostic-msgs",
+            "ros-lifecycle-msgs", "ros-rcl-lifecycle", "ros-rosgraph-msgs",
+        ],
+        "mamba": ["mamba-ssm"],
+    },
+    zip_safe=True,
+    entry_points={
+        "console_scripts": [
+            "ecmnet-core = ecmnet_core.cli:main",
+            "segmenter = ecmnet_ros.segmenter:main",
+            "make_bag = ecmnet_ros.make_bag:main",
+            "replay = ecmnet_ros.replay:main",
+        ],
+    },
+)
