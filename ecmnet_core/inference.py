@@ -1,0 +1,245 @@
+"""One inference class shared by ``predict``, ``eval``, rosbag replay and the ROS node (no ROS inside).
+
+Pre-processing: optional resize to the network size, BGR normalisation with the checkpoint's mean/std.
+Post-processing: argmax, labels resized back to the input size (nearest), colour mask, overlay, coverage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, file_sha256, load_checkpoint
+from ecmnet_core.data.transforms import normalize_image
+from ecmnet_core.model import build_model, model_config
+
+log = logging.getLogger(__name__)
+
+UNLABELED = 255
+#: Normalisation used for random-weight models (CamVid train+val statistics, BGR, 0..255).
+DEFAULT_MEAN = (105.658, 103.330, 99.625)
+DEFAULT_STD = (71.116, 71.676, 67.876)
+
+
+@dataclass
+class InferenceConfig:
+    """How to build a :class:`Segmenter`.
+
+    ``checkpoint`` None or "" loads the packaged CamVid model; ``model`` (with no checkpoint) builds that variant
+    with random weights, which is only useful for tests and timing. ``input_size`` None uses the checkpoint's
+    recommended network size; (0, 0) runs at the native input size.
+    """
+
+    checkpoint: str | None = None
+    model: str | None = None
+    num_classes: int = 11
+    device: str = "auto"
+    fp16: bool = False
+    channels_last: bool = True
+    input_size: tuple[int, int] | None = None
+    warmup: int = 1
+    scan_backend: str | None = None
+    backend: str = "torch"
+
+
+@dataclass
+class SegmentationResult:
+    """Labels (H, W) uint8 class ids at the input size (255 = unlabeled), per-class coverage, timing."""
+
+    labels: np.ndarray
+    coverage: np.ndarray
+    inference_ms: float
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an explicit CUDA device that is unavailable is an error."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r} is not a valid torch device (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def default_palette(num_classes: int) -> list[list[int]]:
+    """Distinct RGB colours for class ids without a stored palette (golden-angle hues)."""
+    colours = []
+    for i in range(num_classes):
+        hsv = np.uint8([[[int(i * 137.508) % 180, 200, 230]]])
+        colours.append([int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0]])
+    return colours
+
+
+class Segmenter:
+    """Loads a model once and segments BGR images (HxWx3 uint8) or mono8 images (HxW uint8)."""
+
+    def __init__(self, config: InferenceConfig | None = None) -> None:
+        self.config = config = config or InferenceConfig()
+        if config.backend != "torch":
+            raise ValueError(f"inference backend {config.backend!r} is not available (choose 'torch')")
+        self.device = resolve_device(config.device)
+        if config.fp16 and self.device.type != "cuda":
+            raise ValueError("fp16 inference needs a CUDA device")
+        self.checkpoint = self._load(config)
+        ckpt = self.checkpoint
+        self.class_names: list[str] = list(ckpt.class_names)
+        self.num_classes = len(self.class_names)
+        self.palette = np.asarray(ckpt.palette, dtype=np.uint8).reshape(self.num_classes, 3)
+        self.mean, self.std = tuple(ckpt.mean), tuple(ckpt.std)
+        self.model_name = ckpt.model_config.name
+        self.input_size = self._network_size(config.input_size, ckpt.input_size)
+
+        model = ckpt.build_model(scan_backend=config.scan_backend).eval().to(self.device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if config.fp16:
+            model = model.half()
+        self.model = model
+        self.scan_backend = model.scan_backend(self.device)
+        self._bgr_lut = np.zeros((256, 3), np.uint8)  # label -> BGR colour; 255 (and unknown ids) stay black
+        self._bgr_lut[: self.num_classes] = self.palette[:, ::-1]
+        if config.warmup and self.input_size is not None:
+            dummy = np.zeros((*self.input_size, 3), np.uint8)
+            for _ in range(config.warmup):
+                self.segment(dummy)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    def _load(self, config: InferenceConfig) -> Checkpoint:
+        if config.checkpoint:
+            self.random_weights = False
+            self.checkpoint_path: Path | None = Path(config.checkpoint)
+            return load_checkpoint(config.checkpoint)
+        if config.model:
+            self.random_weights = True
+            self.checkpoint_path = None
+            warnings.warn(f"RANDOM WEIGHTS: no checkpoint given, model {config.model!r} is untrained and its "
+                          "output is meaningless", stacklevel=3)
+            cfg = model_config(config.model, config.num_classes)
+            torch.manual_seed(0)  # the same random model every run, so timings and tests are repeatable
+            return Checkpoint(model_config=cfg, state_dict=build_model(cfg).state_dict(),
+                              class_names=[f"class_{i}" for i in range(config.num_classes)],
+                              palette=default_palette(config.num_classes), mean=list(DEFAULT_MEAN),
+                              std=list(DEFAULT_STD), metadata={"random_weights": True})
+        self.random_weights = False
+        self.checkpoint_path = DEFAULT_CHECKPOINT
+        return load_checkpoint(None)
+
+    @staticmethod
+    def _network_size(requested, stored) -> tuple[int, int] | None:
+        size = requested if requested is not None else stored
+        if size is None:
+            return None
+        h, w = (int(v) for v in size)
+        if (h, w) == (0, 0):
+            return None
+        if h < 16 or w < 16:
+            raise ValueError(f"input_size {h}x{w} is too small (minimum 16x16, or 0 0 for native size)")
+        return h, w
+
+    @property
+    def checkpoint_hash(self) -> str:
+        """Short sha256 of the checkpoint file ("random" for random weights)."""
+        if self.checkpoint_path is None:
+            return "random"
+        if not hasattr(self, "_hash"):
+            self._hash = file_sha256(self.checkpoint_path)
+        return self._hash
+
+    # ------------------------------------------------------------------------------------------------ running
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """HxWx3 BGR (or HxW mono) uint8 -> (3, h, w) normalised RGB at the network size."""
+        if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"expected an HxWx3 BGR or HxW mono image, got shape {image.shape}")
+        if self.input_size is not None and image.shape[:2] != self.input_size:
+            image = cv2.resize(image, (self.input_size[1], self.input_size[0]), interpolation=cv2.INTER_LINEAR)
+        return normalize_image(image, self.mean, self.std)
+
+    @torch.inference_mode()
+    def predict_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) normalised -> (B, h, w) int64 class ids at the network size."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.config.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.config.fp16:
+            batch = batch.half()
+        return self.model(batch).argmax(dim=1)
+
+    def segment(self, image: np.ndarray) -> SegmentationResult:
+        return self.segment_batch([image])[0]
+
+    def segment_batch(self, images: list[np.ndarray]) -> list[SegmentationResult]:
+        """Segment several images (e.g. one per camera); same-size inputs run as one batch."""
+        results: list[SegmentationResult | None] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        tensors = [self.preprocess(img) for img in images]
+        for i, t in enumerate(tensors):
+            groups.setdefault(tuple(t.shape), []).append(i)
+        for idx in groups.values():
+            start = time.perf_counter()
+            pred = self.predict_tensor(torch.stack([tensors[i] for i in idx]))
+            labels_small = pred.to(torch.uint8).cpu().numpy()
+            elapsed = (time.perf_counter() - start) * 1000.0 / len(idx)
+            for j, i in enumerate(idx):
+                h, w = images[i].shape[:2]
+                labels = labels_small[j]
+                if labels.shape != (h, w):
+                    labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
+                results[i] = SegmentationResult(labels=labels, coverage=self.coverage(labels), inference_ms=elapsed)
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def coverage(self, labels: np.ndarray) -> np.ndarray:
+        """Fraction of pixels per class over pixels with a valid class id; zeros when none is valid."""
+        counts = np.bincount(labels.ravel(), minlength=256)[: self.num_classes].astype(np.float64)
+        total = counts.sum()
+        return (counts / total if total else counts).astype(np.float32)
+
+    def colorize(self, labels: np.ndarray) -> np.ndarray:
+        """(H, W) class ids -> (H, W, 3) BGR colour mask; unlabeled pixels are black."""
+        return self._bgr_lut[labels]
+
+    def overlay(self, image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+        """Blend the colour mask over the image (BGR uint8); unlabeled pixels keep the image."""
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"overlay alpha must be in [0, 1], got {alpha}")
+        if image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        blended = cv2.addWeighted(image, 1.0 - alpha, self.colorize(labels), alpha, 0.0)
+        valid = labels < self.num_classes
+        return np.where(valid[..., None], blended, image)
+
+    def describe(self) -> dict[str, str]:
+        """Static facts for logs and diagnostics."""
+        return {
+            "model": self.model_name,
+            "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else "random weights",
+            "checkpoint_hash": self.checkpoint_hash,
+            "device": str(self.device),
+            "dtype": "fp16" if self.config.fp16 else "fp32",
+            "scan_backend": str(self.scan_backend),
+            "input_size": "native" if self.input_size is None else f"{self.input_size[0]}x{self.input_size[1]}",
+            "classes": str(self.num_classes),
+        }
+
+    def release(self) -> None:
+        """Free the model (and cached GPU memory); the Segmenter is unusable afterwards."""
+        self.model = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
