@@ -26,6 +26,7 @@ setup(
         "numpy",
         "opencv-python-headless",
         "pyyaml",
+        "pillow",
         "tqdm",
         "matplotlib",
         "tensorboard",
