@@ -34,7 +34,9 @@ setup(
         "rosbags-image",
     ],
     extras_require={
-        "test": ["pytest", "ruff", "ptflops", "fvcore", "onnx", "onnxruntime", "torchmetrics"],
+        # triton on a CPU machine only for its interpreter, which the tests use to check the Triton scan kernel
+        "test": ["pytest", "ruff", "ptflops", "fvcore", "onnx", "onnxruntime", "torchmetrics", "triton==3.6.0"],
+        "triton": ["triton>=3.6"],
         "cost": ["ptflops", "fvcore"],
         "onnx": ["onnx", "onnxruntime"],
         "ros": [
