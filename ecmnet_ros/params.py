@@ -1,0 +1,150 @@
+"""The segmenter node's parameters: one table with type, default, range and when a change takes effect.
+
+Three kinds of parameter:
+
+* ``live`` - validated when set and applied to the next frame (overlay alpha, publish toggles, rate limit ...).
+* ``configure`` - read by the lifecycle *configure* transition (checkpoint, device, network size, topics ...).
+  Setting one is refused while the node is configured; clean the node up, set it, configure again.
+* ``startup`` - read once when the process starts (``autostart``); read-only.
+
+``class_names`` is published as a read-only parameter once a model is loaded. The table is plain data so the launch
+helper, the YAML documentation test and the node all read the same defaults without importing rclpy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ecmnet_core.model import VARIANTS
+from ecmnet_core.ops.selective_scan import BACKENDS
+
+LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
+#: rcl_interfaces/ParameterType values (kept here so this module does not need rclpy).
+BOOL, INTEGER, DOUBLE, STRING, INTEGER_ARRAY, STRING_ARRAY = 1, 2, 3, 4, 7, 9
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter. ``default`` None declares it typed but unset (empty arrays cannot carry a type in ROS)."""
+
+    name: str
+    type: int
+    default: Any
+    kind: str
+    description: str
+    range: tuple[float, float] | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def constraints(self) -> str:
+        """Human-readable constraints for the descriptor (shown by ``ros2 param describe``)."""
+        parts = []
+        if self.choices is not None:
+            parts.append("one of: " + ", ".join(repr(c) for c in self.choices))
+        parts.append({LIVE: "applied on the next frame", CONFIGURE: "applied on lifecycle configure",
+                      STARTUP: "read at start-up"}[self.kind])
+        return "; ".join(parts)
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    # ---- model (configure)
+    ParamSpec("checkpoint", STRING, "", CONFIGURE,
+              "ecmnet checkpoint file (.pt); empty = the packaged CamVid model"),
+    ParamSpec("model", STRING, "", CONFIGURE,
+              "with an empty checkpoint: build this variant with RANDOM weights (tests and timing only)",
+              choices=("", *VARIANTS)),
+    ParamSpec("num_classes", INTEGER, 11, CONFIGURE, "classes of a random-weight model (ignored with a checkpoint)",
+              range=(1, 255)),
+    ParamSpec("device", STRING, "auto", CONFIGURE,
+              "auto (CUDA when available, else CPU - reported in logs and diagnostics), cpu, cuda or cuda:N "
+              "(an unavailable CUDA device is an error, never a silent CPU fallback)"),
+    ParamSpec("fp16", BOOL, False, CONFIGURE, "half-precision inference (CUDA only)"),
+    ParamSpec("channels_last", BOOL, False, CONFIGURE, "channels-last memory format (sometimes faster on GPU)"),
+    ParamSpec("input_size", INTEGER_ARRAY, None, CONFIGURE,
+              "[H, W] network input size; unset = the checkpoint's size, [0, 0] = each image's own size. "
+              "Labels are always published at the input image size"),
+    ParamSpec("warmup", INTEGER, 1, CONFIGURE, "warm-up forward passes on configure", range=(0, 100)),
+    ParamSpec("scan_backend", STRING, "", CONFIGURE, "selective-scan backend; empty = automatic",
+              choices=("", "auto", *BACKENDS)),
+    ParamSpec("backend", STRING, "torch", CONFIGURE, "inference backend", choices=("torch",)),
+    # ---- topics (configure)
+    ParamSpec("image_topics", STRING_ARRAY, None, CONFIGURE,
+              "several cameras served by one model: input topics, each camera's outputs go to "
+              "<topic's namespace>/<node name>/...; unset = one input 'image' with outputs under ~/"),
+    ParamSpec("compressed", BOOL, False, CONFIGURE,
+              "subscribe to <topic>/compressed (sensor_msgs/CompressedImage); topics ending in /compressed "
+              "are always compressed"),
+    ParamSpec("use_camera_info", BOOL, True, CONFIGURE,
+              "subscribe to the camera_info next to each image topic and republish it with the labels"),
+    # ---- behaviour (live)
+    ParamSpec("overlay_alpha", DOUBLE, 0.5, LIVE, "weight of the class colours in ~/overlay", range=(0.0, 1.0)),
+    ParamSpec("publish_color", BOOL, True, LIVE, "publish ~/color (computed only while subscribed)"),
+    ParamSpec("publish_overlay", BOOL, True, LIVE, "publish ~/overlay (computed only while subscribed)"),
+    ParamSpec("publish_coverage", BOOL, True, LIVE, "publish ~/coverage and ~/coverage_stamped"),
+    ParamSpec("publish_camera_info", BOOL, True, LIVE, "republish camera_info as ~/camera_info with the labels"),
+    ParamSpec("coverage_classes", STRING_ARRAY, None, LIVE,
+              "class names listed in ~/coverage_stamped; unset or empty = all (~/coverage always has all)"),
+    ParamSpec("max_rate_hz", DOUBLE, 0.0, LIVE, "process at most this many frames per second per camera; 0 = "
+              "as fast as the model goes (frames in between are dropped and counted)", range=(0.0, 1000.0)),
+    ParamSpec("max_image_pixels", INTEGER, 7680 * 4320, LIVE,
+              "larger input images are rejected (warning + counter)", range=(1, 1 << 30)),
+    # ---- start-up
+    ParamSpec("autostart", BOOL, True, STARTUP,
+              "configure and activate on start-up (false: wait for a lifecycle manager)"),
+)
+SPECS: dict[str, ParamSpec] = {p.name: p for p in PARAMS}
+#: Published by the node after configure (read-only, from the checkpoint).
+CLASS_NAMES = "class_names"
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """Snapshot of the live parameters; the worker reads one per frame, the parameter callback swaps it."""
+
+    overlay_alpha: float = 0.5
+    publish_color: bool = True
+    publish_overlay: bool = True
+    publish_coverage: bool = True
+    publish_camera_info: bool = True
+    coverage_classes: tuple[str, ...] = ()
+    max_rate_hz: float = 0.0
+    max_image_pixels: int = 7680 * 4320
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> LiveSettings:
+        return cls(overlay_alpha=float(values["overlay_alpha"]), publish_color=bool(values["publish_color"]),
+                   publish_overlay=bool(values["publish_overlay"]), publish_coverage=bool(values["publish_coverage"]),
+                   publish_camera_info=bool(values["publish_camera_info"]),
+                   coverage_classes=tuple(c for c in values.get("coverage_classes") or () if c),
+                   max_rate_hz=float(values["max_rate_hz"]), max_image_pixels=int(values["max_image_pixels"]))
+
+
+def validate(name: str, value: Any, class_names: list[str] | None = None) -> str | None:
+    """Checks beyond type and range (rclpy does those from the descriptor). Returns a reason, or None if valid."""
+    spec = SPECS.get(name)
+    if spec is None:
+        return None
+    if spec.choices is not None and value not in spec.choices:
+        return f"parameter {name!r}: {value!r} is not one of {', '.join(repr(c) for c in spec.choices)}"
+    if name == "device" and not _DEVICE_RE.match(str(value).strip().lower()):
+        return f"parameter 'device': {value!r} is not auto, cpu, cuda or cuda:N"
+    if name == "checkpoint" and value and not os.path.isfile(os.path.expanduser(value)):
+        return f"parameter 'checkpoint': file {value!r} does not exist"
+    if name == "input_size" and value is not None:
+        size = list(value)
+        if len(size) != 2 or any(v < 0 for v in size) or (0 in size and size != [0, 0]) \
+                or (size != [0, 0] and min(size) < 16):
+            return f"parameter 'input_size': {size} must be [H, W] with H, W >= 16, or [0, 0] for native size"
+    if name == "image_topics" and value is not None:
+        topics = [str(t) for t in value]
+        if any(not t.strip() for t in topics) or len(set(topics)) != len(topics):
+            return f"parameter 'image_topics': {topics} has empty or repeated topics"
+    if name == "coverage_classes" and value and class_names is not None:
+        unknown = [c for c in value if c and c not in class_names]  # [""] is how a CLI clears the list
+        if unknown:
+            return f"parameter 'coverage_classes': unknown class(es) {unknown}; the model has {class_names}"
+    return None

@@ -1,0 +1,159 @@
+"""Running nodes in-process (demo, benchmark, bag replay, tests): context, executor thread, waiting helpers.
+
+The shutdown order matters: executor, spin thread, nodes, context (shutting the context down under a live spin
+thread aborts the process with "terminate called without an active exception").
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import rclpy
+from builtin_interfaces.msg import Time
+from rclpy.context import Context
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from std_msgs.msg import Header
+
+
+def isolate_discovery(domain_id: int | None = None) -> int:
+    """Keep DDS discovery on this machine and pick a domain id; returns the id in use.
+
+    Call before the first context is initialised. ``domain_id`` is used when given; otherwise an existing
+    ``ROS_DOMAIN_ID`` is kept, else one is derived from the pid (1..101). An existing
+    ``ROS_AUTOMATIC_DISCOVERY_RANGE`` is kept too (default here: LOCALHOST).
+    """
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    if domain_id is not None:
+        os.environ["ROS_DOMAIN_ID"] = str(domain_id)
+    else:
+        os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 101))
+    return int(os.environ["ROS_DOMAIN_ID"])
+
+
+@contextmanager
+def ros_context(args: list[str] | None = None) -> Iterator[Context]:
+    """A fresh rclpy context, shut down on exit (independent of the global default context)."""
+    context = Context()
+    rclpy.init(args=args, context=context)
+    try:
+        yield context
+    finally:
+        context.try_shutdown()
+
+
+class Spinner:
+    """A ``MultiThreadedExecutor`` spinning in a background thread; ``stop()`` shuts everything down in order."""
+
+    def __init__(self, context: Context | None = None, num_threads: int = 4) -> None:
+        self.context = context
+        self.executor = MultiThreadedExecutor(num_threads=num_threads, context=context)
+        self.nodes: list[Node] = []
+        self._thread: threading.Thread | None = None
+
+    def add(self, node: Node) -> Node:
+        self.executor.add_node(node)
+        self.nodes.append(node)
+        return node
+
+    def start(self) -> Spinner:
+        self._thread = threading.Thread(target=self._spin, name="ros-spin", daemon=True)
+        self._thread.start()
+        return self
+
+    def _spin(self) -> None:
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    def stop(self, destroy_nodes: bool = True) -> None:
+        self.executor.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+            self._thread = None
+        if destroy_nodes:
+            for node in reversed(self.nodes):
+                node.destroy_node()
+            self.nodes.clear()
+
+    def __enter__(self) -> Spinner:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.005) -> bool:
+    """Poll ``predicate`` until it is truthy or ``timeout`` seconds pass; returns the final truthiness."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+
+
+class TopicCollector:
+    """Subscribes ``node`` to ``topic`` and keeps every message received (thread-safe), for tests and tools."""
+
+    def __init__(self, node: Node, msg_type: Any, topic: str, qos: Any = 10) -> None:
+        self.messages: list[Any] = []
+        self.times: list[float] = []
+        self._condition = threading.Condition()
+        self.subscription = node.create_subscription(msg_type, topic, self._on_message, qos)
+
+    def _on_message(self, msg: Any) -> None:
+        with self._condition:
+            self.messages.append(msg)
+            self.times.append(time.monotonic())
+            self._condition.notify_all()
+
+    def wait(self, count: int = 1, timeout: float = 10.0) -> bool:
+        """Block until at least ``count`` messages arrived in total; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            while len(self.messages) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._condition.wait(left)
+        return True
+
+    def clear(self) -> None:
+        with self._condition:
+            self.messages.clear()
+            self.times.clear()
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+
+def connected(*endpoints: Any) -> bool:
+    """True when every publisher sees a subscriber and every subscription sees a publisher.
+
+    Checking both sides matters for best-effort topics: a publisher may already see the subscription while the
+    subscriber has not matched the publisher yet, and a message sent then is lost.
+    """
+    for endpoint in endpoints:
+        count = endpoint.get_subscription_count() if hasattr(endpoint, "get_subscription_count") \
+            else endpoint.get_publisher_count()
+        if count == 0:
+            return False
+    return True
+
+
+def make_header(stamp_ns: int, frame_id: str = "camera") -> Header:
+    """A header with the given stamp (nanoseconds) and frame id."""
+    return Header(stamp=Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000), frame_id=frame_id)
+
+
+def stamp_ns(header: Any) -> int:
+    """Header stamp in nanoseconds (works on rclpy and rosbags headers)."""
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)

@@ -1,0 +1,497 @@
+"""The ``segmenter`` lifecycle node: images in, class-id label images, colour masks, overlays and coverage out.
+
+The node is thin: message conversion (:mod:`ecmnet_ros.conversions`) around
+:class:`ecmnet_core.inference.Segmenter`. Threads:
+
+* executor threads run the image callbacks (they only validate the header and put the message in a per-camera
+  newest-frame slot - a slow model never builds a backlog; replaced frames are counted as dropped), the
+  parameter and lifecycle services and the 1 Hz ``/diagnostics`` timer;
+* one worker thread (started on activate) takes the newest frame of every camera, decodes it, runs the model
+  once for all cameras and publishes. Parameters, diagnostics and lifecycle requests therefore stay responsive
+  during a long forward pass.
+
+Lifecycle: configure loads the model and creates publishers, activate subscribes and starts the worker,
+deactivate stops it and moves the model off the GPU, cleanup releases everything. ``main()`` configures and
+activates the node itself unless ``autostart`` is false.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import rclpy
+import torch
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Float32MultiArray, Header
+
+from ecmnet_core.inference import InferenceConfig, Segmenter
+from ecmnet_ros import diagnostics as diag
+from ecmnet_ros.conversions import ImageConversionError, check_message, message_to_bgr8
+from ecmnet_ros.messages import bgr_message, coverage_array, coverage_stamped, labels_message, scale_camera_info
+from ecmnet_ros.params import CLASS_NAMES, CONFIGURE, DOUBLE, INTEGER, PARAMS, SPECS, STARTUP, LiveSettings, validate
+from ecmnet_ros.stats import ErrorCounter, LatencyWindow, LatestSlot, RateMeter
+from ecmnet_ros.topics import StreamTopics, plan_streams
+
+#: Camera drivers publish reliable or best effort; a best-effort, depth-1 subscriber matches both and never queues.
+IMAGE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
+                       durability=DurabilityPolicy.VOLATILE)
+#: Results are reliable (REP-2003); a reliable publisher also serves best-effort subscribers.
+RESULT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE,
+                        durability=DurabilityPolicy.VOLATILE)
+DIAGNOSTICS_PERIOD_S = 1.0
+WARN_PERIOD_S = 5.0  # one warning per kind of bad message per camera in this period
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Stream:
+    """One camera: its topics, newest-frame slot, publishers and statistics."""
+
+    topics: StreamTopics
+    slot: LatestSlot
+    name: str = ""  # the input topic fully resolved (namespace + remapping): names the camera in logs/diagnostics
+    labels_topic: str = ""
+    publishers: dict[str, Any] = field(default_factory=dict)
+    subscriptions: list[Any] = field(default_factory=list)
+    camera_info: CameraInfo | None = None
+    next_due: float = 0.0
+    input_rate: RateMeter = field(default_factory=RateMeter)
+    output_rate: RateMeter = field(default_factory=RateMeter)
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+    inference: LatencyWindow = field(default_factory=LatencyWindow)  # forward pass (Segmenter's inference_ms)
+    model: LatencyWindow = field(default_factory=LatencyWindow)  # whole Segmenter call (pre/post-processing too)
+    stamp_age: LatencyWindow = field(default_factory=LatencyWindow)
+    errors: ErrorCounter = field(default_factory=lambda: ErrorCounter(WARN_PERIOD_S))
+    processed: int = 0
+    last_output: float = 0.0
+
+    def wants(self, name: str) -> bool:
+        """True when the (lazy) output ``name`` has at least one subscriber."""
+        pub = self.publishers.get(name)
+        return pub is not None and pub.get_subscription_count() > 0
+
+
+def _descriptor(spec) -> ParameterDescriptor:
+    desc = ParameterDescriptor(name=spec.name, type=spec.type, description=spec.description,
+                               additional_constraints=spec.constraints, read_only=spec.kind == STARTUP)
+    if spec.range is not None and spec.type == INTEGER:
+        desc.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=0)]
+    elif spec.range is not None and spec.type == DOUBLE:
+        desc.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]),
+                                                        to_value=float(spec.range[1]), step=0.0)]
+    return desc
+
+
+class SegmenterNode(LifecycleNode):
+    """ECMNet semantic segmentation as a ROS 2 lifecycle node (see the module docstring and config/segment.yaml)."""
+
+    def __init__(self, node_name: str = "segmenter", **kwargs: Any) -> None:
+        # set before Node.__init__: a failing constructor still ends in destroy_node()
+        self.segmenter: Segmenter | None = None
+        self.streams: list[Stream] = []
+        self._configured = False
+        self._active = False
+        self._last_error = ""
+        self._device_note = ""
+        self._condition = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._stopping = False
+        super().__init__(node_name, **kwargs)
+        for spec in PARAMS:
+            value = spec.default if spec.default is not None else Parameter.Type(spec.type)
+            self.declare_parameter(spec.name, value, _descriptor(spec))
+        self._live = LiveSettings.from_values(self.parameter_values())
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+
+        self._io_group = ReentrantCallbackGroup()  # image callbacks only touch the slots
+        self._diagnostics_group = MutuallyExclusiveCallbackGroup()
+        self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diagnostics_timer = self.create_timer(DIAGNOSTICS_PERIOD_S, self.publish_diagnostics,
+                                                    callback_group=self._diagnostics_group)
+
+    # ----------------------------------------------------------------------------------------- parameters
+    def _validate_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        for p in params:
+            spec = SPECS.get(p.name)
+            if spec is None:
+                continue  # qos_overrides.* and class_names: rclpy enforces read_only for those
+            if spec.kind == CONFIGURE and self._configured:
+                return SetParametersResult(successful=False, reason=(
+                    f"parameter {p.name!r} is applied on lifecycle configure and the node is configured now: "
+                    "deactivate and clean up the node, set it, then configure again"))
+            reason = validate(p.name, p.value, self.segmenter.class_names if self.segmenter else None)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, params: list[Parameter]) -> None:
+        # swap one immutable snapshot: the worker reads it once per frame, so a change applies to the next frame
+        self._live = LiveSettings.from_values(self.parameter_values())
+
+    def parameter_values(self) -> dict[str, Any]:
+        """Current value of every node parameter in :data:`ecmnet_ros.params.PARAMS` (None when unset)."""
+        return {spec.name: self.get_parameter_or(spec.name).value for spec in PARAMS}
+
+    def _inference_config(self) -> InferenceConfig:
+        values = self.parameter_values()
+        get = values.__getitem__
+        size = get("input_size")
+        return InferenceConfig(checkpoint=get("checkpoint") or None, model=get("model") or None,
+                               num_classes=get("num_classes"), device=get("device"), fp16=get("fp16"),
+                               channels_last=get("channels_last"), input_size=tuple(size) if size else None,
+                               warmup=get("warmup"), scan_backend=get("scan_backend") or None, backend=get("backend"))
+
+    def _publish_class_names(self, names: list[str]) -> None:
+        desc = ParameterDescriptor(name=CLASS_NAMES, type=Parameter.Type.STRING_ARRAY.value, read_only=True,
+                                   description="class names of the loaded model, index = class id in ~/labels "
+                                               "and ~/coverage (255 = unlabeled)")
+        if not self.has_parameter(CLASS_NAMES):
+            self.declare_parameter(CLASS_NAMES, names, desc, ignore_override=True)
+        elif list(self.get_parameter(CLASS_NAMES).value) != names:
+            # read-only for users; a reconfigure with another model updates it (rclpy skips the read-only check
+            # when descriptors are passed, and still publishes the parameter event)
+            self._set_parameters_atomically_common([Parameter(CLASS_NAMES, value=names)], {CLASS_NAMES: desc})
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def bring_up(self) -> bool:
+        """Configure and activate unless ``autostart`` is false; True when the node ends up active."""
+        if not self.get_parameter("autostart").value:
+            self.get_logger().info("autostart is false: waiting for a lifecycle manager to configure/activate")
+            return False
+        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            return False
+        return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        log = self.get_logger()
+        try:
+            config = self._inference_config()
+            topics = self.get_parameter_or("image_topics").value or []
+            plans = plan_streams(list(topics), self.get_parameter("compressed").value, self.get_name())
+            segmenter = Segmenter(config)
+        except Exception as exc:  # bad checkpoint, unavailable device, bad topics: say why, stay unconfigured
+            self._last_error = f"configure failed: {exc}"
+            log.error(self._last_error)
+            return TransitionCallbackReturn.FAILURE
+        self.segmenter = segmenter
+        self._last_error = ""
+        requested = config.device.strip().lower()
+        self._device_note = (f"{segmenter.device} (auto: CUDA not available, running on CPU)"
+                             if requested == "auto" and segmenter.device.type == "cpu" else str(segmenter.device))
+        facts = segmenter.describe()
+        log.info(f"model {facts['model']} ({facts['checkpoint']}, sha256 {facts['checkpoint_hash']}), "
+                 f"{facts['classes']} classes, network input {facts['input_size']}, device {self._device_note}, "
+                 f"{facts['dtype']}, scan backend {facts['scan_backend']}")
+        if segmenter.random_weights:
+            log.warning(f"RANDOM WEIGHTS: no checkpoint, model {segmenter.model_name!r} is untrained - its labels "
+                        "are meaningless (set the 'checkpoint' parameter for real output)")
+        self._publish_class_names(list(segmenter.class_names))
+        unknown = [c for c in self._live.coverage_classes if c not in segmenter.class_names]
+        if unknown:
+            log.warning(f"coverage_classes {unknown} are not classes of this model {segmenter.class_names}; "
+                        "they are ignored")
+
+        with_overrides = QoSOverridingOptions.with_default_policies()
+        self.streams = []
+        for plan in plans:
+            stream = Stream(topics=plan, slot=LatestSlot(self._condition), name=self.resolve_topic_name(plan.image))
+            for name, msg_type in (("labels", Image), ("color", Image), ("overlay", Image),
+                                   ("coverage", Float32MultiArray), ("coverage_stamped", DiagnosticArray),
+                                   ("camera_info", CameraInfo)):
+                stream.publishers[name] = self.create_lifecycle_publisher(
+                    msg_type, plan.output(name), RESULT_QOS, qos_overriding_options=with_overrides)
+            stream.labels_topic = stream.publishers["labels"].topic_name
+            self.streams.append(stream)
+        self._configured = True
+        return super().on_configure(state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.segmenter is None:  # cannot happen through the state machine; be explicit anyway
+            return TransitionCallbackReturn.FAILURE
+        self.segmenter.model.to(self.segmenter.device)  # back from the CPU after a deactivate (no-op otherwise)
+        with_overrides = QoSOverridingOptions.with_default_policies()
+        for stream in self.streams:
+            plan = stream.topics
+            msg_type = CompressedImage if plan.compressed else Image
+            stream.subscriptions.append(self.create_subscription(
+                msg_type, plan.image, lambda msg, s=stream: self._on_image(s, msg), IMAGE_QOS,
+                callback_group=self._io_group, qos_overriding_options=with_overrides))
+            if self.get_parameter("use_camera_info").value:
+                stream.subscriptions.append(self.create_subscription(
+                    CameraInfo, plan.camera_info, lambda msg, s=stream: setattr(s, "camera_info", msg), IMAGE_QOS,
+                    callback_group=self._io_group))
+            stream.next_due = 0.0
+        self._start_worker()
+        self._active = True
+        inputs = ", ".join(s.name for s in self.streams)
+        self.get_logger().info(f"active: segmenting {inputs}")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_pipeline()
+        self._park_model()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return super().on_shutdown(state)
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f"lifecycle error in state {state.label}: releasing the model")
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_pipeline(self) -> None:
+        """Stop the worker and unsubscribe; frames still in the slots are discarded."""
+        self._active = False
+        self._stop_worker()
+        for stream in self.streams:
+            for sub in stream.subscriptions:
+                self.destroy_subscription(sub)
+            stream.subscriptions.clear()
+            stream.slot.clear()
+
+    def _park_model(self) -> None:
+        """Free GPU memory while inactive: the weights wait on the CPU until the next activate."""
+        if self.segmenter is not None and self.segmenter.device.type == "cuda":
+            self.segmenter.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def _release(self) -> None:
+        self._stop_pipeline()
+        for stream in self.streams:
+            for pub in stream.publishers.values():
+                self.destroy_lifecycle_publisher(pub)
+        self.streams = []
+        if self.segmenter is not None:
+            self.segmenter.release()
+            self.segmenter = None
+        self._configured = False
+
+    def destroy_node(self) -> None:
+        self._stop_worker()
+        if self.segmenter is not None:
+            self.segmenter.release()
+            self.segmenter = None
+        super().destroy_node()
+
+    # ------------------------------------------------------------------------------------------ input side
+    def _on_image(self, stream: Stream, msg: Any) -> None:
+        try:
+            check_message(msg, self._live.max_image_pixels)
+        except ImageConversionError as exc:
+            self._bad_message(stream, exc.kind, str(exc))
+            return
+        stream.input_rate.tick()
+        stream.slot.put(msg)
+
+    def _bad_message(self, stream: Stream, kind: str, text: str) -> None:
+        if stream.errors.add(kind, text):
+            self.get_logger().warning(
+                f"{stream.name}: bad message skipped ({kind}): {text} [{stream.errors.counts[kind]} so far; "
+                f"further '{kind}' warnings for this topic throttled to one per {WARN_PERIOD_S:g} s]")
+
+    # --------------------------------------------------------------------------------------------- worker
+    def _start_worker(self) -> None:
+        self._stopping = False
+        self._worker = threading.Thread(target=self._run, name=f"{self.get_name()}-inference", daemon=True)
+        self._worker.start()
+
+    def _stop_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        worker.join(STOP_TIMEOUT_S)
+        if worker.is_alive():
+            self.get_logger().error(f"inference thread did not stop within {STOP_TIMEOUT_S:g} s")
+
+    def _next_batch(self) -> list[tuple[Stream, Any]] | None:
+        """Block until some camera has a frame it may process now (rate limit); None when stopping."""
+        with self._condition:
+            while not self._stopping:
+                now = time.monotonic()
+                ready = [s for s in self.streams if s.slot.peek() and s.next_due <= now]
+                if ready:
+                    return [(s, s.slot.take()) for s in ready]
+                waiting = [s.next_due - now for s in self.streams if s.slot.peek()]
+                self._condition.wait(min(waiting) if waiting else 0.5)
+        return None
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._process(batch)
+            except Exception as exc:  # never let the worker die silently
+                for stream, _ in batch:
+                    self._bad_message(stream, "inference", f"inference failed: {exc!r}")
+
+    def _process(self, batch: list[tuple[Stream, Any]]) -> None:
+        live = self._live
+        period = 1.0 / live.max_rate_hz if live.max_rate_hz > 0 else 0.0
+        streams, frames, images = [], [], []
+        for stream, frame in batch:
+            stream.next_due = time.monotonic() + period
+            try:
+                image = message_to_bgr8(frame.msg, live.max_image_pixels)
+            except ImageConversionError as exc:
+                self._bad_message(stream, exc.kind, str(exc))
+                continue
+            streams.append(stream)
+            frames.append(frame)
+            images.append(image)
+        if not images:
+            return
+        segmenter = self.segmenter
+        if segmenter is None:
+            return
+        start = time.perf_counter()
+        results = segmenter.segment_batch(images)
+        model_ms = (time.perf_counter() - start) * 1000.0 / len(images)
+        for stream, frame, image, result in zip(streams, frames, images, results):
+            stream.model.add(model_ms)
+            self._publish(segmenter, stream, frame, image, result, live)
+
+    def _publish(self, segmenter: Segmenter, stream: Stream, frame: Any, image: np.ndarray, result: Any,
+                 live: LiveSettings) -> None:
+        header = frame.msg.header
+        labels = result.labels
+        pubs = stream.publishers
+        pubs["labels"].publish(labels_message(labels, header))
+        if live.publish_color and stream.wants("color"):
+            pubs["color"].publish(bgr_message(segmenter.colorize(labels), header))
+        if live.publish_overlay and stream.wants("overlay"):
+            pubs["overlay"].publish(bgr_message(segmenter.overlay(image, labels, live.overlay_alpha), header))
+        if live.publish_coverage:
+            pubs["coverage"].publish(coverage_array(result.coverage))
+            pubs["coverage_stamped"].publish(coverage_stamped(
+                header, result.coverage, segmenter.class_names, f"{self.get_fully_qualified_name()}: coverage "
+                f"{stream.name}", live.coverage_classes))
+        info = stream.camera_info
+        if live.publish_camera_info and info is not None:
+            pubs["camera_info"].publish(scale_camera_info(info, header, labels.shape[1], labels.shape[0]))
+        done = time.monotonic()
+        stream.latency.add((done - frame.received) * 1000.0)
+        stream.inference.add(result.inference_ms)
+        stamp_ns = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+        if stamp_ns:
+            stream.stamp_age.add((self.get_clock().now().nanoseconds - stamp_ns) / 1e6)
+        stream.output_rate.tick(done)
+        stream.processed += 1
+        stream.last_output = done
+
+    # ---------------------------------------------------------------------------------------- diagnostics
+    @property
+    def device_description(self) -> str:
+        """The device the model runs on, with the reason when ``auto`` fell back to the CPU ("" before configure)."""
+        return self._device_note
+
+    def diagnostics(self) -> DiagnosticArray:
+        """One status for the model/device and one per camera (also what ``publish_diagnostics`` sends)."""
+        name = self.get_fully_qualified_name()
+        seg = self.segmenter
+        state = "active" if self._active else ("inactive" if self._configured else "unconfigured")
+        hardware_id, device_values = diag.device_facts(seg.device if seg else None)
+        values: dict[str, Any] = {"state": state}
+        if seg is not None:
+            facts = seg.describe()
+            values.update(model=facts["model"], checkpoint=facts["checkpoint"],
+                          checkpoint_hash=facts["checkpoint_hash"], random_weights=seg.random_weights,
+                          device=self._device_note, dtype=facts["dtype"], scan_backend=facts["scan_backend"],
+                          input_size=facts["input_size"], classes=facts["classes"], **device_values)
+        if self._last_error:
+            level, message = diag.ERROR, self._last_error
+        elif seg is None:
+            level, message = diag.WARN, f"{state}: no model loaded"
+        elif seg.random_weights:
+            level, message = diag.WARN, f"{state}: RANDOM WEIGHTS, output is meaningless"
+        else:
+            level, message = (diag.OK if self._active else diag.WARN), f"{state} on {self._device_note}"
+        statuses = [diag.make_status(f"{name}: model", level, message, hardware_id, values)]
+        now = time.monotonic()
+        for stream in self.streams:
+            statuses.append(self._stream_status(name, stream, now, hardware_id))
+        return DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=statuses)
+
+    def _stream_status(self, name: str, stream: Stream, now: float, hardware_id: str):
+        lat50, lat95, latmax = stream.latency.percentiles(50, 95, 100)
+        inf50, inf95 = stream.inference.percentiles(50, 95)
+        (model50,) = stream.model.percentiles(50)
+        (age50,) = stream.stamp_age.percentiles(50)
+        values: dict[str, Any] = {
+            "input_topic": stream.name,
+            "labels_topic": stream.labels_topic,
+            "input_rate_hz": stream.input_rate.rate(now), "output_rate_hz": stream.output_rate.rate(now),
+            "frames_received": stream.slot.received, "frames_processed": stream.processed,
+            "frames_dropped_stale": stream.slot.dropped, "bad_messages": stream.errors.total,
+            **{f"bad_messages_{k}": v for k, v in sorted(stream.errors.counts.items())},
+            "last_bad_message": stream.errors.last_message or "-",
+            "latency_p50_ms": lat50, "latency_p95_ms": lat95, "latency_max_ms": latmax,
+            "inference_p50_ms": inf50, "inference_p95_ms": inf95, "model_call_p50_ms": model50,
+            "node_overhead_p50_ms": lat50 - model50, "stamp_age_p50_ms": age50,
+            "max_rate_hz": self._live.max_rate_hz,
+        }
+        if not self._active:
+            level, message = diag.WARN, "inactive"
+        elif stream.input_rate.rate(now) == 0.0:
+            level, message = diag.WARN, "no input frames in the last 2 s"
+        elif now - stream.last_output > 2.0:
+            level, message = diag.WARN, "receiving frames but no output in the last 2 s"
+        else:
+            level, message = diag.OK, "segmenting"
+        if stream.errors.total:
+            message += f"; {stream.errors.total} bad messages"
+        return diag.make_status(f"{name}: {stream.name}", level, message, hardware_id, values)
+
+    def publish_diagnostics(self) -> None:
+        try:
+            self._diagnostics_pub.publish(self.diagnostics())
+        except Exception as exc:  # e.g. a lifecycle transition swapping the streams mid-way: skip this tick
+            self.get_logger().warning(f"diagnostics skipped: {exc!r}", throttle_duration_sec=10.0)
+
+
+def main(args: list[str] | None = None) -> int:
+    """``ros2 run ecmnet_ros segmenter`` / the ``segmenter`` console script."""
+    rclpy.init(args=args if args is not None else sys.argv)
+    node = SegmenterNode()
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    code = 0
+    try:
+        node.bring_up()
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception as exc:
+        node.get_logger().fatal(f"segmenter stopped: {exc!r}")
+        code = 1
+    finally:
+        # verified order for a clean exit: executor, node, context
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
