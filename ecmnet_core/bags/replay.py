@@ -1,0 +1,310 @@
+"""``ecmnet-core replay``: evaluate the segmenter on a rosbag2 recording.
+
+* ``--offline BAG``: read the bag in time order, decode every image, run the same :class:`Segmenter` the ROS node
+  runs, match ground-truth labels to predictions by header stamp and report accuracy (standard and framework
+  mIoU, per-class and per-frame IoU), inference time per frame and class coverage over time. No ROS needed.
+* ``--live BAG``: publish the bag's image topic into a running segmenter node (or one started in-process with
+  ``--spawn-node``) and measure end-to-end latency, throughput, drops and accuracy
+  (:mod:`ecmnet_ros.replay_live`; needs rclpy).
+
+Both write ``report.json``, ``frames.csv`` and plots with ``--out DIR``, and a copy of the bag with the predicted
+label topic added with ``--output-bag``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ecmnet_core.bags.reader import BagError, BagMessage, BagReader, decode_image_message, decode_label_message
+from ecmnet_core.bags.report import FrameRecord, LabelBagWriter, ReplayReport
+from ecmnet_core.evaluate import segment_images
+
+if TYPE_CHECKING:
+    from ecmnet_core.inference import Segmenter
+
+log = logging.getLogger(__name__)
+
+#: predictions / labels waiting for their partner are given up after this much bag time
+MATCH_WINDOW_NS = 5_000_000_000
+
+
+def frame_names(reader: BagReader, image_topic: str, start_ns: int | None) -> tuple[list[str], int]:
+    """Frame names stored by ``make-bag`` for ``image_topic`` and the index of the first frame at ``start_ns``."""
+    meta = reader.custom_data
+    names = meta.get("frames") if meta.get("image_topic") == image_topic else None
+    if not isinstance(names, list) or len(names) != reader.topics[image_topic].count:
+        return [], 0
+    first = 0
+    if start_ns is not None:
+        first = sum(1 for _ in reader.messages([image_topic], stop_ns=start_ns, deserialize=()))
+    return [str(n) for n in names], first
+
+
+def display_classes(reader: BagReader, segmenter: Segmenter) -> tuple[list[str], np.ndarray]:
+    """Class names and RGB palette for reports; checks the bag's label space (``make-bag`` metadata) against the
+    model's. A random-weight model has no names of its own, so the bag's are used."""
+    bag_names = reader.custom_data.get("class_names")
+    if not isinstance(bag_names, list) or not bag_names:
+        return list(segmenter.class_names), segmenter.palette
+    if len(bag_names) != segmenter.num_classes:
+        raise BagError(f"bag {reader.path} has labels for {len(bag_names)} classes ({', '.join(bag_names)}) but "
+                       f"the model predicts {segmenter.num_classes} ({', '.join(segmenter.class_names)})")
+    if segmenter.random_weights:
+        palette = reader.custom_data.get("palette")
+        ok = isinstance(palette, list) and len(palette) == len(bag_names)
+        return [str(n) for n in bag_names], np.asarray(palette, np.uint8) if ok else segmenter.palette
+    if [str(n).lower() for n in bag_names] != [n.lower() for n in segmenter.class_names]:
+        log.warning("bag %s class names %s differ from the model's %s; reporting the model's", reader.path,
+                    bag_names, segmenter.class_names)
+    return list(segmenter.class_names), segmenter.palette
+
+
+def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str | None = None,
+                   label_topic: str | None = None, start_offset: float = 0.0, max_frames: int | None = None,
+                   output_bag: str | Path | None = None, output_label_topic: str = "/segmenter/labels",
+                   progress: bool = False) -> ReplayReport:
+    """Run ``segmenter`` on every image of the bag and score it against the bag's label topic.
+
+    Args:
+        reader: the open bag.
+        segmenter: the model, built from the same :class:`InferenceConfig` as the ROS node. Predictions are made
+            as ``ecmnet-core eval`` makes them (:func:`ecmnet_core.evaluate.segment_images`), so the mIoU equals
+            the evaluator's on the same frames.
+        image_topic / label_topic: see :meth:`BagReader.resolve_topics` (None = auto, "" = no labels).
+        start_offset: skip this many seconds of the bag's start.
+        max_frames: stop after this many image frames.
+        output_bag: write a copy of the bag with the predictions on ``output_label_topic``.
+        progress: show a progress bar on stderr.
+    """
+    image, label = reader.resolve_topics(image_topic, label_topic)
+    if start_offset < 0:
+        raise ValueError(f"--start-offset must be >= 0 seconds, got {start_offset}")
+    start_ns = reader.start_ns + int(start_offset * 1e9) if start_offset else None
+    names, first_index = frame_names(reader, image.name, start_ns)
+    class_names, palette = display_classes(reader, segmenter)
+    report = ReplayReport(
+        "offline", class_names, palette=palette,
+        bag={"path": str(reader.path), "storage": reader.storage, "image_topic": image.name,
+             "image_type": image.msgtype, "label_topic": label.name if label else None,
+             "messages": reader.message_count, "duration_s": reader.duration_ns / 1e9,
+             "start_offset_s": start_offset, "dataset": reader.custom_data.get("dataset")},
+        segmenter={**segmenter.describe(), "random_weights": bool(segmenter.random_weights)})
+    writer = LabelBagWriter(Path(output_bag), reader, output_label_topic) if output_bag else None
+
+    pending_pred: dict[int, tuple[FrameRecord, np.ndarray]] = {}
+    pending_gt: dict[int, tuple[int, np.ndarray]] = {}
+    seen_stamps: set[int] = set()
+    index = first_index
+    total = image.count if max_frames is None else min(image.count, max_frames)
+    bar = _progress(total, progress)
+
+    def flush(now_ns: int | None) -> None:
+        """Finalise predictions whose label never came, and forget labels whose image never came."""
+        for stamp in [s for s, (r, _) in pending_pred.items() if now_ns is None or now_ns - r.t_ns > MATCH_WINDOW_NS]:
+            record, pred = pending_pred.pop(stamp)
+            report.add_frame(record, pred)
+        for stamp in [s for s, (t, _) in pending_gt.items() if now_ns is None or now_ns - t > MATCH_WINDOW_NS]:
+            pending_gt.pop(stamp)
+            report.unmatched_labels += 1
+
+    topics = [image.name] + ([label.name] if label else [])
+    to_read = None if writer else topics  # the output bag copies every topic
+    try:
+        done = False
+        for msg in reader.messages(to_read, start_ns=start_ns, deserialize=topics):
+            if writer is not None:
+                writer.write_raw(msg.topic, msg.t_ns, msg.raw)
+            if done and not pending_pred and writer is None:
+                break
+            if msg.msg is None:
+                continue
+            if label is not None and msg.topic == label.name:
+                if done and msg.stamp_ns not in pending_pred:
+                    continue  # past --max-frames: only labels of frames already predicted matter
+                gt = _decode(reader, msg, label.msgtype, decode_label_message)
+                if gt is None:
+                    continue
+                if msg.stamp_ns in pending_pred:
+                    record, pred = pending_pred.pop(msg.stamp_ns)
+                    report.add_frame(record, pred, gt)
+                else:
+                    pending_gt[msg.stamp_ns] = (msg.t_ns, gt)
+                continue
+            if msg.topic != image.name:
+                continue
+            if max_frames is not None and index - first_index >= max_frames:
+                if not done:
+                    pending_gt.clear()  # labels read ahead belong to frames that will not be predicted
+                done = True  # from here on messages are only copied (output bag) or matched to pending frames
+                flush(msg.t_ns)
+                continue
+            name = names[index] if index < len(names) else ""
+            picture = _decode(reader, msg, image.msgtype, decode_image_message)
+            if picture is None:
+                report.add_frame(FrameRecord(index, msg.stamp_ns, msg.t_ns, name, status="skipped"))
+                index += 1
+                continue
+            if msg.stamp_ns in seen_stamps:
+                log.warning("bag %s: image stamp %d repeats (frame %d); ground truth matches the first one",
+                            reader.path, msg.stamp_ns, index)
+            seen_stamps.add(msg.stamp_ns)
+            started = time.perf_counter()
+            pred = segment_images(segmenter, [picture])[0]
+            record = FrameRecord(index, msg.stamp_ns, msg.t_ns, name,
+                                 inference_ms=(time.perf_counter() - started) * 1000.0,
+                                 coverage=segmenter.coverage(pred))
+            if writer is not None:
+                writer.write_labels(msg.t_ns, msg.stamp_ns, msg.frame_id, pred)
+            if msg.stamp_ns in pending_gt:
+                report.add_frame(record, pred, pending_gt.pop(msg.stamp_ns)[1])
+            elif label is None:
+                report.add_frame(record, pred)
+            else:
+                pending_pred[msg.stamp_ns] = (record, pred)
+            index += 1
+            bar.update(1)
+            flush(msg.t_ns)
+        flush(None)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    if writer is not None:
+        report.bag["output_bag"] = str(writer.close())
+    report.count_skipped(reader.skipped)
+    if not report.frames:
+        raise BagError(f"bag {reader.path}: no image frames on {image.name} after the start offset")
+    return report
+
+
+def _decode(reader: BagReader, msg: BagMessage, msgtype: str, fn: Any) -> np.ndarray | None:
+    try:
+        return fn(msg.msg, msgtype)
+    except Exception as exc:  # one bad frame is skipped and counted, the replay goes on
+        reader.skip(msg, f"undecodable {msgtype.rsplit('/', 1)[-1]} ({type(exc).__name__})", exc)
+        return None
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="frame", file=sys.stderr, disable=not sys.stderr.isatty())
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--offline", metavar="BAG", help="evaluate offline: run the segmenter on every frame")
+    mode.add_argument("--live", metavar="BAG", help="publish the bag into a running segmenter node and measure it")
+    g = parser.add_argument_group("bag")
+    g.add_argument("--image-topic", default=None, help="image topic (default: the bag's only image topic)")
+    g.add_argument("--label-topic", default=None,
+                   help="ground-truth mono8 label topic (default: /camera/labels if present; '' = none)")
+    g.add_argument("--start-offset", type=float, default=0.0, help="skip this many seconds of the bag")
+    g.add_argument("--max-frames", type=int, default=None, help="stop after this many image frames")
+    g = parser.add_argument_group("model (offline, and the node started by --spawn-node)")
+    g.add_argument("--checkpoint", default=None, help="checkpoint file (default: the packaged CamVid model)")
+    g.add_argument("--model", default=None, help="random-weight model variant instead of a checkpoint (timing)")
+    g.add_argument("--num-classes", type=int, default=None, help="classes of --model (default: from the bag)")
+    g.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="network input size (default: the checkpoint's; 0 0 = native)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--scan-backend", default=None, help="selective-scan backend (mamba, torch, reference)")
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", metavar="REPORT_DIR", default=None, help="write report.json, frames.csv and plots here")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--output-bag", default=None, help="write a copy of the bag with the predicted labels added")
+    g.add_argument("--output-label-topic", default="/segmenter/labels", help="topic of the labels in --output-bag")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    g = parser.add_argument_group("live")
+    g.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default: 1.0 = recorded)")
+    g.add_argument("--loop", action="store_true", help="play the bag again and again (until --duration / Ctrl-C)")
+    g.add_argument("--duration", type=float, default=None, help="stop publishing after this many wall seconds")
+    g.add_argument("--remap", action="append", default=[], metavar="FROM:=TO",
+                   help="publish a bag topic under another name (repeatable), e.g. /camera/image_raw:=/image")
+    g.add_argument("--clock", type=float, nargs="?", const=40.0, default=None, metavar="HZ",
+                   help="publish /clock with bag time (default 40 Hz) for nodes with use_sim_time")
+    g.add_argument("--qos", choices=("reliable", "best_effort"), default="reliable",
+                   help="reliability of the image publisher (default: reliable, like ros2 bag play)")
+    g.add_argument("--lockstep", action="store_true",
+                   help="publish the next frame only after the result for the previous one (or --timeout)")
+    g.add_argument("--timeout", type=float, default=5.0, help="lock-step wait per frame in seconds (default: 5)")
+    g.add_argument("--namespace", default="", help="namespace of the segmenter node (outputs <ns>/segmenter/...)")
+    g.add_argument("--node-name", default="segmenter", help="name of the segmenter node (default: segmenter)")
+    g.add_argument("--result-topic", default=None, help="node label topic (default: <ns>/<node-name>/labels)")
+    g.add_argument("--spawn-node", action="store_true", help="start the segmenter node in this process")
+    g.add_argument("--wait", type=float, default=20.0, help="seconds to wait for the node to appear (default: 20)")
+    g.add_argument("--drain", type=float, default=3.0,
+                   help="seconds to wait for outstanding results after the last frame (default: 3)")
+
+
+def build_segmenter(args: argparse.Namespace, bag_classes: int | None = None) -> Segmenter:
+    from ecmnet_core.checkpoint import CheckpointError
+    from ecmnet_core.inference import InferenceConfig, Segmenter
+
+    num_classes = args.num_classes or bag_classes or 11
+    config = InferenceConfig(checkpoint=args.checkpoint, model=args.model, num_classes=num_classes,
+                             device=args.device, scan_backend=args.scan_backend,
+                             input_size=tuple(args.input_size) if args.input_size else None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the random-weights warning is logged below instead
+            segmenter = Segmenter(config)
+    except CheckpointError as exc:
+        raise SystemExit(f"replay: {exc}") from None
+    if segmenter.random_weights:
+        log.warning("RANDOM WEIGHTS: model %s has no checkpoint; accuracy figures are meaningless", args.model)
+    return segmenter
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise SystemExit(f"replay: --max-frames must be >= 1, got {args.max_frames}")
+    if args.live:
+        try:
+            from ecmnet_ros.replay_live import run_live_from_args
+        except ImportError as exc:
+            raise SystemExit(f"replay --live needs rclpy and the ROS message packages ({exc}); "
+                             "install the 'ros' extra or source a ROS 2 setup") from None
+        return run_live_from_args(args)
+    try:
+        with BagReader(args.offline) as reader:
+            bag_classes = reader.custom_data.get("class_names")
+            segmenter = build_segmenter(args, len(bag_classes) if isinstance(bag_classes, list) else None)
+            log.info("segmenter: %s", ", ".join(f"{k}={v}" for k, v in segmenter.describe().items()))
+            report = replay_offline(reader, segmenter, image_topic=args.image_topic, label_topic=args.label_topic,
+                                    start_offset=args.start_offset, max_frames=args.max_frames,
+                                    output_bag=args.output_bag, output_label_topic=args.output_label_topic,
+                                    progress=True)
+    except (BagError, ValueError) as exc:
+        raise SystemExit(f"replay: {exc}") from None
+    print(report.format_text())
+    if args.out:
+        paths = report.write(args.out, plots=not args.no_plots)
+        print(f"report: {', '.join(str(p) for p in paths)}")
+    if args.output_bag:
+        print(f"output bag: {report.bag['output_bag']} (predicted labels on {args.output_label_topic})")
+    return 0
+
