@@ -10,12 +10,14 @@ Semantics, per batch b, channel d and state n (channel d uses group ``d // (dim 
 Backends:
 
 * ``mamba``: mamba-ssm's CUDA kernel (CUDA tensors, mamba-ssm installed).
+* ``cpp``: compiled C++ kernel for CPU tensors (:mod:`ecmnet_core.ops.scan_cpu`), built on first use with the
+  system compiler; when it cannot be built, a warning is issued once and ``torch`` is used instead.
 * ``torch``: pure PyTorch, chunked time-major recurrence with a hand-written backward that recomputes
   states per chunk. Memory is O(B*D*N*(L/chunk + chunk)); it never holds a (B, D, L, N) tensor.
 * ``reference``: the plain sequential recurrence with autograd; slow, used by tests as ground truth.
 
 The backend is chosen by the ``backend`` argument, else the ``ECMNET_SCAN_BACKEND`` environment variable,
-else automatically (``mamba`` on CUDA when importable, otherwise ``torch``).
+else automatically (``mamba`` on CUDA when importable, ``cpp`` on CPU when it builds, otherwise ``torch``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ecmnet_core.ops import scan_cpu
+
 ENV_VAR = "ECMNET_SCAN_BACKEND"
-BACKENDS = ("mamba", "torch", "reference")
+BACKENDS = ("mamba", "cpp", "torch", "reference")
 DEFAULT_CHUNK = 64
 
 
@@ -48,6 +52,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     names = []
     if device.type == "cuda" and _mamba_fn() is not None:
         names.append("mamba")
+    if device.type == "cpu" and scan_cpu.is_available():
+        names.append("cpp")
     names += ["torch", "reference"]
     return names
 
@@ -67,6 +73,11 @@ def resolve_backend(backend: str | None = None, device: torch.device | str = "cp
         if _mamba_fn() is None:
             raise ValueError("selective-scan backend 'mamba' requested but mamba-ssm is not installed "
                              "(pip install 'ecmnet[mamba]' on a CUDA machine)")
+    if name == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"selective-scan backend 'cpp' needs CPU tensors, got {device}")
+        if not scan_cpu.is_available():  # the loader has warned once; fall back
+            return "torch"
     return name
 
 
@@ -295,6 +306,8 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     name = resolve_backend(backend, u.device)
     if name == "mamba":
         return _scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "cpp":
+        return scan_cpu.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "torch":
         return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

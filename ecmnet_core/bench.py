@@ -1,0 +1,573 @@
+"""``bench``: latency of the whole model, or (``--scan``) of each selective-scan formulation on the FFM's shape.
+
+Model mode times ``model(x)`` under ``torch.no_grad`` after warm-up and prints the median and p90 latency and
+frames/s (batch / median). Random weights are used (timing does not depend on them), with BatchNorm statistics
+calibrated on one random batch so activations stay in a realistic range (at the raw init they grow to ~1e8).
+
+Scan mode builds the SS2D scan of the FFM for an image size: u/delta (B, 4*d_inner, L), B/C (B, 4, N, L),
+L = ceil(H/16) * ceil(W/16), and measures, for every backend that runs on the device (``available_backends``)
+plus the textbook formulation (``selective_scan_textbook``, which materialises (B, D, L, N)):
+
+* forward time (no grad) and forward+backward time (all seven inputs require grad);
+* peak extra memory of each: on CUDA ``torch.cuda.max_memory_allocated`` above the inputs; on CPU the process's
+  resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) above the resident set before
+  the call, with glibc's mmap threshold pinned at 1 MiB so that freed buffers leave the resident set. Memory is
+  measured in a second pass after all timings, because pinning the threshold changes allocation speed.
+
+The ``reference`` backend's forward+backward is autograd through the per-step loop. Speed-ups of the ``torch``
+backend are printed as ratios (other time / torch time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ecmnet_core.model import VARIANTS, build_model
+from ecmnet_core.ops.selective_scan import (
+    BACKENDS,
+    available_backends,
+    resolve_backend,
+    selective_scan_fn,
+    selective_scan_textbook,
+)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TEXTBOOK = "textbook"
+#: ``--skip-slow`` skips the per-step reference loop and the textbook forward+backward above this many steps.
+SLOW_LENGTH = 2048
+#: The FFM's scan: d_inner = 2 * 128, N = 16, 4 directions, at 1/16 of the image size.
+FFM_D_INNER, FFM_D_STATE, FFM_DIRECTIONS, FFM_STRIDE = 256, 16, 4, 16
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class Timing:
+    """Wall-clock samples of one measurement, in milliseconds."""
+
+    samples_ms: list[float]
+    cold: bool = False  # the only sample is a warm-up call that alone exceeded the time budget
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def p90(self) -> float:
+        return percentile(self.samples_ms, 90)
+
+    def summary(self) -> dict[str, float | int]:
+        s = self.samples_ms
+        out = {"median_ms": self.median, "p90_ms": self.p90, "mean_ms": statistics.fmean(s), "min_ms": min(s),
+               "max_ms": max(s), "runs": len(s)}
+        if self.cold:
+            out["cold"] = True
+        return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linearly interpolated percentile (numpy's default method) of a non-empty list."""
+    if not values:
+        raise ValueError("percentile of an empty list")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_fn(fn: Callable[[], object], runs: int, warmup: int, device: torch.device,
+            budget_s: float | None = None) -> Timing:
+    """Call ``fn`` ``warmup`` times, then time up to ``runs`` calls (at least one; stop early past ``budget_s``).
+
+    A warm-up call that alone takes longer than ``budget_s`` becomes the only sample (``cold``): repeating a
+    minutes-long call adds little information.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        elapsed = time.perf_counter() - t0
+        if budget_s is not None and elapsed > budget_s:
+            return Timing([elapsed * 1e3], cold=True)
+    samples: list[float] = []
+    started = time.perf_counter()
+    for _ in range(max(runs, 1)):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            break
+    return Timing(samples)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# peak memory
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+@functools.cache
+def _pin_mmap_threshold() -> bool:
+    """Make glibc serve every allocation >= 1 MiB by mmap and return it on free (no dynamic threshold)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, MIB)) and bool(libc.mallopt(m_trim_threshold, MIB))
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def cpu_peak_supported() -> bool:
+    """True where the resident-set high-water mark can be reset (Linux with a writable /proc/self/clear_refs)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak memory ``fn`` needs above what is allocated before it runs (None where it cannot be measured)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if not (cpu_peak_supported() and _pin_mmap_threshold()):
+        return None
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+    base = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # VmHWM := VmRSS
+    fn()
+    return max(_proc_status_kib("VmHWM") - base, 0) * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# environment
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; an unavailable cuda request is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu, cuda and cuda:N are supported")
+    return device
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+           "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def _disturbance_note(load_before: float | None, load_after: float | None, threads: int) -> str | None:
+    """A warning when other processes were competing for the CPUs (1-minute load average above our threads)."""
+    cpus = os.cpu_count() or 1
+    worst = max(v for v in (load_before, load_after, 0.0) if v is not None)
+    if worst > max(threads, 1) + 0.5 and worst > 0.75 * cpus:
+        return (f"load average reached {worst:.1f} on {cpus} CPUs (this run uses {threads} threads): other "
+                "processes were competing, timings are likely inflated")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model benchmark
+
+
+@dataclass
+class ModelBenchConfig:
+    """``bench`` in model mode: what to build and how to time it (``dtype`` fp16/bf16 means autocast)."""
+
+    model: str = "ecmnet"
+    classes: int = 11
+    size: tuple[int, int] = (360, 480)
+    batch: int = 1
+    device: str = "cpu"
+    dtype: str = "fp32"
+    runs: int = 20
+    warmup: int = 3
+    channels_last: bool = False
+    scan_backend: str | None = None
+
+
+def _calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
+    """Set BN running statistics from one random batch (cumulative average), then return to eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.eval()
+
+
+def bench_model(cfg: ModelBenchConfig) -> dict:
+    """Latency of one forward pass of a (random-weight) model; returns a JSON-ready dict."""
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype {cfg.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if cfg.batch < 1 or cfg.runs < 1 or cfg.warmup < 0:
+        raise ValueError(f"--batch and --runs must be >= 1 and --warmup >= 0 (got {cfg.batch}, {cfg.runs}, "
+                         f"{cfg.warmup})")
+    h, w = cfg.size
+    if min(h, w) < 16:
+        raise ValueError(f"--size {h} {w}: both sides must be >= 16 (the network's total stride)")
+    device = resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    model = build_model(cfg.model, cfg.classes, scan_backend=cfg.scan_backend).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch, 3, h, w, generator=gen).to(device).contiguous(memory_format=memory_format)
+    _calibrate_batchnorm(model, x)
+    autocast = dtype != torch.float32
+
+    def step() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            return model(x)
+
+    load_before = environment(device)["load_avg_1min"]
+    timing = time_fn(step, cfg.runs, cfg.warmup, device)
+    env = environment(device)
+    result = {
+        "mode": "model", "model": cfg.model, "classes": cfg.classes, "input_size": [h, w], "batch": cfg.batch,
+        "dtype": cfg.dtype, "channels_last": cfg.channels_last, "scan_backend": model.scan_backend(device),
+        "warmup": cfg.warmup, **timing.summary(), "fps": cfg.batch * 1e3 / timing.median,
+        "environment": env, "note": _disturbance_note(load_before, env["load_avg_1min"], env["threads"]),
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scan benchmark
+
+
+@dataclass
+class ScanBenchConfig:
+    """``bench --scan``: the image size that sets L, the methods (None: all runnable + textbook) and the limits."""
+
+    size: tuple[int, int] = (360, 480)
+    batch: int = 1
+    device: str = "cpu"
+    backends: list[str] | None = None
+    runs: int = 5
+    warmup: int = 1
+    skip_slow: bool = False
+    memory: bool = True
+    budget_s: float = 60.0
+    d_inner: int = FFM_D_INNER
+    d_state: int = FFM_D_STATE
+    directions: int = FFM_DIRECTIONS
+
+
+def scan_length(size: tuple[int, int], stride: int = FFM_STRIDE) -> int:
+    """Tokens of the FFM's scan for an image of ``size``: the 1/16 map, rounded up like the encoder."""
+    return math.ceil(size[0] / stride) * math.ceil(size[1] / stride)
+
+
+def scan_inputs(batch: int, length: int, d_inner: int = FFM_D_INNER, d_state: int = FFM_D_STATE,
+                directions: int = FFM_DIRECTIONS, device: torch.device | str = "cpu",
+                seed: int = 0) -> dict[str, torch.Tensor]:
+    """SS2D-like scan inputs: A = -[1..N] (S4D-real), D = 1, delta_bias = inverse softplus of dt in [1e-3, 0.1]."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = directions * d_inner
+    dt = torch.exp(torch.rand(dim, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    tensors = {
+        "u": torch.randn(batch, dim, length, generator=gen),
+        "delta": 0.5 * torch.randn(batch, dim, length, generator=gen),
+        "A": -torch.arange(1, d_state + 1, dtype=torch.float32).repeat(dim, 1),
+        "B": torch.randn(batch, directions, d_state, length, generator=gen),
+        "C": torch.randn(batch, directions, d_state, length, generator=gen),
+        "D": torch.ones(dim),
+        "delta_bias": dt + torch.log(-torch.expm1(-dt)),
+    }
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def _scan_call(method: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    args = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], None, t["delta_bias"], True)
+    if method == TEXTBOOK:
+        return selective_scan_textbook(*args)
+    return selective_scan_fn(*args, backend=method)
+
+
+def _methods(cfg: ScanBenchConfig, device: torch.device) -> list[str]:
+    runnable = available_backends(device)
+    if not cfg.backends:
+        return [*runnable, TEXTBOOK]
+    methods = []
+    for name in cfg.backends:
+        name = name.strip().lower()
+        if name == TEXTBOOK:
+            methods.append(name)
+            continue
+        if name not in BACKENDS:
+            raise ValueError(f"--backends: unknown backend {name!r}; choose from {', '.join([*BACKENDS, TEXTBOOK])}")
+        if name not in runnable:
+            resolve_backend(name, device)  # raises with the reason (no CUDA, not installed, ...)
+            raise ValueError(f"--backends: backend {name!r} cannot run on {device}")
+        methods.append(name)
+    return list(dict.fromkeys(methods))
+
+
+def _is_slow(method: str, mode: str, length: int) -> bool:
+    """What ``--skip-slow`` leaves out: the per-step loop at any mode, the textbook's backward, past SLOW_LENGTH."""
+    if length <= SLOW_LENGTH:
+        return False
+    return method == "reference" or (method == TEXTBOOK and mode == "fwd_bwd")
+
+
+def bench_scan(cfg: ScanBenchConfig) -> dict:
+    """Forward and forward+backward time and peak extra memory of each scan formulation; JSON-ready dict."""
+    if cfg.batch < 1 or cfg.runs < 1 or cfg.warmup < 0:
+        raise ValueError(f"--batch and --runs must be >= 1 and --warmup >= 0 (got {cfg.batch}, {cfg.runs}, "
+                         f"{cfg.warmup})")
+    device = resolve_device(cfg.device)
+    methods = _methods(cfg, device)
+    length = scan_length(cfg.size)
+    base = scan_inputs(cfg.batch, length, cfg.d_inner, cfg.d_state, cfg.directions, device)
+    grad_out = torch.randn(cfg.batch, cfg.directions * cfg.d_inner, length,
+                           generator=torch.Generator().manual_seed(1)).to(device)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in base.items()}
+
+    def forward(method: str) -> Callable[[], object]:
+        def run() -> None:
+            with torch.no_grad():
+                _scan_call(method, base)
+        return run
+
+    def forward_backward(method: str) -> Callable[[], object]:
+        def run() -> None:
+            for v in leaves.values():
+                v.grad = None
+            _scan_call(method, leaves).backward(grad_out)
+        return run
+
+    modes = {"fwd": forward, "fwd_bwd": forward_backward}
+    load_before = environment(device)["load_avg_1min"]
+    results: dict[str, dict[str, dict]] = {m: {} for m in methods}
+    for method in methods:
+        for mode, make in modes.items():
+            if cfg.skip_slow and _is_slow(method, mode, length):
+                results[method][mode] = {"skipped": f"--skip-slow (L = {length} > {SLOW_LENGTH})"}
+                continue
+            timing = time_fn(make(method), cfg.runs, cfg.warmup, device, cfg.budget_s)
+            results[method][mode] = timing.summary()
+    memory_note = None
+    if cfg.memory:
+        if device.type == "cpu" and not cpu_peak_supported():
+            memory_note = "peak memory not measured: /proc/self/clear_refs is not writable here"
+        else:
+            for method in methods:
+                for mode, make in modes.items():
+                    res = results[method][mode]
+                    if "skipped" in res:
+                        continue
+                    if res["median_ms"] > 1e3 * cfg.budget_s:
+                        res["peak_extra_mib"] = None
+                        res["memory_skipped"] = f"one call takes longer than --budget {cfg.budget_s:g} s"
+                        continue
+                    peak = peak_extra_bytes(make(method), device)
+                    res["peak_extra_mib"] = None if peak is None else peak / MIB
+            memory_note = ("CUDA max_memory_allocated above the inputs" if device.type == "cuda" else
+                           "CPU resident-set high-water mark above the resident set before the call "
+                           "(glibc mmap threshold pinned at 1 MiB)")
+    default = resolve_backend(None, device)  # what SS2D uses here (environment variable, else automatic)
+    env = environment(device)
+    return {
+        "mode": "scan", "input_size": list(cfg.size), "batch": cfg.batch, "length": length,
+        "dim": cfg.directions * cfg.d_inner, "d_inner": cfg.d_inner, "d_state": cfg.d_state,
+        "directions": cfg.directions, "input_mib": sum(v.numel() * v.element_size() for v in base.values()) / MIB,
+        "results": results, "torch_speedup": _speedups(results, "torch"), "default_backend": default,
+        "default_speedup": _speedups(results, default), "memory_method": memory_note, "environment": env,
+        "note": _disturbance_note(load_before, env["load_avg_1min"], env["threads"]),
+    }
+
+
+def _speedups(results: dict[str, dict[str, dict]], ours: str) -> dict[str, dict[str, float]]:
+    """Other method's median time / ``ours``'s, per mode where both were measured."""
+    out: dict[str, dict[str, float]] = {}
+    if ours not in results:
+        return out
+    for method, res in results.items():
+        if method == ours:
+            continue
+        for mode, theirs in res.items():
+            mine = results[ours][mode]
+            if "median_ms" in mine and "median_ms" in theirs:
+                out.setdefault(method, {})[mode] = theirs["median_ms"] / mine["median_ms"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scan", action="store_true", help="time the selective-scan backends instead of the model")
+    parser.add_argument("--model", default="ecmnet", choices=list(VARIANTS), help="model variant (default ecmnet)")
+    parser.add_argument("--classes", type=int, default=11, help="number of classes (default 11, CamVid)")
+    parser.add_argument("--size", type=int, nargs=2, default=(360, 480), metavar=("H", "W"),
+                        help="image height and width (default 360 480); --scan uses L = ceil(H/16)*ceil(W/16)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="model mode: fp32, or autocast to fp16/bf16 (the scan always runs in fp32)")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs (default 20; --scan: 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs (default 3; --scan: 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--channels-last", action="store_true", help="model mode: channels-last memory format")
+    parser.add_argument("--scan-backend", default=None,
+                        help=f"model mode: selective-scan backend ({', '.join(BACKENDS)}; default automatic)")
+    parser.add_argument("--backends", nargs="+", default=None, metavar="NAME",
+                        help=f"--scan: formulations to time (from {', '.join([*BACKENDS, TEXTBOOK])}; "
+                             "default: every backend that runs on the device, plus textbook)")
+    parser.add_argument("--skip-slow", action="store_true",
+                        help=f"--scan: skip the per-step reference loop and the textbook backward when "
+                             f"L > {SLOW_LENGTH}")
+    parser.add_argument("--no-memory", action="store_true", help="--scan: do not measure peak memory")
+    parser.add_argument("--budget", type=float, default=60.0,
+                        help="--scan: stop repeating one measurement after this many seconds (default 60)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _fmt_ms(r: dict) -> str:
+    if "skipped" in r:
+        return f"{'skipped':>10}"
+    return f"{r['median_ms']:>9.1f}{'+' if r.get('cold') else ' '}"
+
+
+def _fmt_mib(r: dict) -> str:
+    v = r.get("peak_extra_mib")
+    return f"{'-':>9}" if v is None else f"{v:>9.0f}"
+
+
+def _format_model(r: dict) -> str:
+    env = r["environment"]
+    h, w = r["input_size"]
+    lines = [
+        f"model {r['model']!r} ({r['classes']} classes), input {r['batch']}x3x{h}x{w}, {r['dtype']}"
+        f"{', channels-last' if r['channels_last'] else ''}, scan backend {r['scan_backend']}",
+        f"device {env['device']} ({env['device_name']}), torch {env['torch']}, {env['threads']} threads",
+        f"latency over {r['runs']} runs after {r['warmup']} warm-up: median {r['median_ms']:.1f} ms, "
+        f"p90 {r['p90_ms']:.1f} ms (min {r['min_ms']:.1f}, max {r['max_ms']:.1f})",
+        f"throughput {r['fps']:.2f} frames/s (batch / median)",
+    ]
+    if r["note"]:
+        lines.append(f"WARNING: {r['note']}")
+    return "\n".join(lines)
+
+
+def _format_scan(r: dict) -> str:
+    env = r["environment"]
+    h, w = r["input_size"]
+    lines = [
+        f"selective scan, FFM shape for {h}x{w}: batch {r['batch']}, L {r['length']}, D {r['dim']} "
+        f"({r['directions']} x d_inner {r['d_inner']}), N {r['d_state']}; inputs {r['input_mib']:.0f} MiB",
+        f"device {env['device']} ({env['device_name']}), torch {env['torch']}, {env['threads']} threads",
+        f"{'method':<12} {'fwd ms':>10} {'runs':>4} {'fwd MiB':>9} {'fwd+bwd ms':>10} {'runs':>4} {'f+b MiB':>9}",
+    ]
+    labels = {"reference": "reference*", TEXTBOOK: "textbook"}
+    for method, res in r["results"].items():
+        f, fb = res["fwd"], res["fwd_bwd"]
+        lines.append(f"{labels.get(method, method):<12} {_fmt_ms(f)} {f.get('runs', 0):>4} {_fmt_mib(f)} "
+                     f"{_fmt_ms(fb)} {fb.get('runs', 0):>4} {_fmt_mib(fb)}")
+    lines.append("  * reference forward+backward = autograd through the per-step loop; textbook materialises "
+                 "(B, D, L, N); times are medians")
+    if any(res[m].get("cold") for res in r["results"].values() for m in res):
+        lines.append("  + a single call (its warm-up alone exceeded --budget); memory of such calls is not measured")
+    for ours, key in (("torch", "torch_speedup"), (r["default_backend"], "default_speedup")):
+        if key == "default_speedup" and ours == "torch":
+            continue
+        label = f"{ours} (default)" if ours == r["default_backend"] else ours
+        for method, ratios in r[key].items():
+            parts = [f"{'fwd' if k == 'fwd' else 'fwd+bwd'} {v:.2f}x" for k, v in ratios.items()]
+            lines.append(f"{label} speed-up vs {method}: " + ", ".join(parts))
+    if r["memory_method"]:
+        lines.append(f"peak extra memory: {r['memory_method']}")
+    if r["note"]:
+        lines.append(f"WARNING: {r['note']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"bench: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    size = (int(args.size[0]), int(args.size[1]))
+    try:
+        if args.scan:
+            cfg = ScanBenchConfig(size=size, batch=args.batch, device=args.device, backends=args.backends,
+                                  runs=5 if args.runs is None else args.runs,
+                                  warmup=1 if args.warmup is None else args.warmup, skip_slow=args.skip_slow,
+                                  memory=not args.no_memory, budget_s=args.budget)
+            result = bench_scan(cfg)
+            text = _format_scan
+        else:
+            if args.scan_backend is not None:
+                resolve_backend(args.scan_backend, resolve_device(args.device))
+            cfg = ModelBenchConfig(model=args.model, classes=args.classes, size=size, batch=args.batch,
+                                   device=args.device, dtype=args.dtype, runs=20 if args.runs is None else args.runs,
+                                   warmup=3 if args.warmup is None else args.warmup,
+                                   channels_last=args.channels_last, scan_backend=args.scan_backend)
+            result = bench_model(cfg)
+            text = _format_model
+    except ValueError as exc:
+        raise SystemExit(f"bench: {exc}") from exc
+    print(json.dumps(result) if args.json else text(result))
+    return 0

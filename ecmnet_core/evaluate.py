@@ -1,0 +1,331 @@
+"""``ecmnet-core eval``: one confusion matrix over a dataset split, standard and framework mIoU, per-class IoU.
+
+The loop is :func:`evaluate_samples`, shared by this command, training-time validation and the rosbag replay
+tool, so all three give identical numbers. Every prediction is made the same way (:func:`predict_labels`):
+resize the image to the network size, normalise, run the model, upsample the logits bilinearly to the label
+(original image) size, then take the argmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ecmnet_core.data import DatasetInfo, Sample, load_raw, normalize_image, trainid_to_labelid
+from ecmnet_core.metrics import ConfusionMatrix
+
+
+@dataclass
+class Preprocess:
+    """BGR uint8 image -> (3, h, w) normalised RGB float32 at the network size.
+
+    ``input_size`` (H, W) resizes every image to that size; otherwise ``scale`` resizes by a factor (1 = native).
+    cv2 bilinear resizing and rounding match :class:`ecmnet_core.data.EvalTransform` and the Segmenter.
+    """
+
+    mean: Sequence[float]
+    std: Sequence[float]
+    input_size: tuple[int, int] | None = None
+    scale: float = 1.0
+
+    def size_for(self, h: int, w: int) -> tuple[int, int]:
+        if self.input_size is not None:
+            return int(self.input_size[0]), int(self.input_size[1])
+        if self.scale != 1.0:
+            return max(1, int(round(h * self.scale))), max(1, int(round(w * self.scale)))
+        return h, w
+
+    def __call__(self, image_bgr: np.ndarray) -> Tensor:
+        h, w = image_bgr.shape[:2]
+        th, tw = self.size_for(h, w)
+        if (th, tw) != (h, w):
+            image_bgr = cv2.resize(image_bgr, (tw, th), interpolation=cv2.INTER_LINEAR)
+        return normalize_image(image_bgr, self.mean, self.std)
+
+
+class ModelRunner:
+    """A bare model plus its pre-processing: what a :class:`ecmnet_core.inference.Segmenter` holds, for models
+    still in training. ``logits`` runs (B, 3, h, w) normalised batches in eval mode without gradients."""
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess, device: torch.device | str | None = None,
+                 amp: bool = False) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.amp = amp and self.device.type == "cuda"
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.config.num_classes)
+
+    @torch.inference_mode()
+    def logits(self, batch: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, enabled=self.amp):
+            return self.model(batch.to(self.device, non_blocking=True)).float()
+
+
+class SegmenterRunner:
+    """Adapter giving a :class:`ecmnet_core.inference.Segmenter` the runner interface (its own pre-processing,
+    device, dtype and memory format)."""
+
+    def __init__(self, segmenter: Any) -> None:
+        self.segmenter = segmenter
+        self.preprocess: Callable[[np.ndarray], Tensor] = segmenter.preprocess
+        self.device = segmenter.device
+        self.num_classes = int(segmenter.num_classes)
+
+    @torch.inference_mode()
+    def logits(self, batch: Tensor) -> Tensor:
+        seg = self.segmenter
+        batch = batch.to(self.device, non_blocking=True)
+        if seg.config.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        if seg.config.fp16:
+            batch = batch.half()
+        return seg.model(batch).float()
+
+
+Runner = ModelRunner | SegmenterRunner
+
+
+def as_runner(predictor: Any, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+              input_size: tuple[int, int] | None = None, scale: float = 1.0, amp: bool = False) -> Runner:
+    """A Segmenter, a runner, or an ``nn.Module`` (which then needs ``mean``/``std``) as a runner."""
+    if isinstance(predictor, (ModelRunner, SegmenterRunner)):
+        return predictor
+    if isinstance(predictor, nn.Module):
+        if mean is None or std is None:
+            raise ValueError("evaluating a bare model needs the normalisation mean and std")
+        return ModelRunner(predictor, Preprocess(mean, std, input_size, scale), amp=amp)
+    if hasattr(predictor, "preprocess") and hasattr(predictor, "model"):
+        return SegmenterRunner(predictor)
+    raise TypeError(f"cannot evaluate a {type(predictor).__name__}: pass a Segmenter or an nn.Module")
+
+
+def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Class ids (h, w) int64 per image: same-shape inputs run as one batch, logits are upsampled bilinearly to
+    ``sizes[i]`` before the argmax. Results stay on the runner's device."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    for idx in groups.values():
+        logits = runner.logits(torch.stack([tensors[i] for i in idx]))
+        for j, i in enumerate(idx):
+            one = logits[j:j + 1]
+            if tuple(one.shape[-2:]) != tuple(sizes[i]):
+                one = F.interpolate(one, size=tuple(sizes[i]), mode="bilinear", align_corners=False)
+            out[i] = one.argmax(dim=1)[0]
+    return out  # type: ignore[return-value]
+
+
+def segment_images(predictor: Any, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """(H, W) uint8 class ids at each image's own size, predicted as in evaluation (for predict and replay)."""
+    runner = as_runner(predictor)
+    labels = predict_labels(runner, [runner.preprocess(im) for im in images], [im.shape[:2] for im in images])
+    return [lab.to(torch.uint8).cpu().numpy() for lab in labels]
+
+
+class _EvalItems(Dataset):
+    """(index, normalised image, label (H, W) uint8 or None) of the selected samples."""
+
+    def __init__(self, samples: Sequence[Sample] | Any, indices: Sequence[int],
+                 preprocess: Callable[[np.ndarray], Tensor]) -> None:
+        self.samples, self.indices, self.preprocess = samples, list(indices), preprocess
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor, np.ndarray | None, tuple[int, int]]:
+        index = self.indices[i]
+        image, label = load_raw(self.samples, index)
+        return index, self.preprocess(image), label, image.shape[:2]
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+def _stem(samples: Sequence[Sample] | Any, index: int) -> str:
+    if hasattr(samples, "stem"):
+        return samples.stem(index)
+    return samples[index].stem
+
+
+def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: DatasetInfo, *,
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     input_size: tuple[int, int] | None = None, scale: float = 1.0, amp: bool = False,
+                     batch_size: int = 1, workers: int = 0, rank: int = 0, world_size: int = 1,
+                     progress: bool = False, save_color: str | Path | None = None,
+                     cityscapes_export: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate ``predictor`` on every labelled sample and return the summary of one confusion matrix.
+
+    Args:
+        predictor: a :class:`ecmnet_core.inference.Segmenter` (its pre-processing and input size are used), or an
+            ``nn.Module`` with ``mean``/``std`` (BGR, 0..255) and ``input_size`` (H, W) or ``scale``.
+        samples: a list of :class:`Sample` or a ShardReader; samples without a label are only predicted.
+        rank, world_size: evaluate ``samples[rank::world_size]`` and all-reduce the matrix (torch.distributed).
+        save_color: folder for ``<stem>.png`` colour predictions (BGR, palette of ``info``).
+        cityscapes_export: folder for ``<stem>_gtFine_labelIds.png`` official-labelId predictions, the names
+            ``csEvalPixelLevelSemanticLabeling`` matches (set ``CITYSCAPES_RESULTS`` to this folder).
+
+    Returns:
+        ``ConfusionMatrix.summary`` (miou, miou_framework, pixel_accuracy, per_class, pixels) plus ``images``,
+        ``seconds`` and the ``confusion_matrix`` itself (K x K list, rows = ground truth).
+    """
+    runner = as_runner(predictor, mean, std, input_size, scale, amp)
+    if runner.num_classes != info.num_classes:
+        raise ValueError(f"model predicts {runner.num_classes} classes but dataset {info.name!r} has "
+                         f"{info.num_classes}")
+    model = getattr(runner, "model", None)
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    dirs = [Path(d) for d in (save_color, cityscapes_export) if d is not None]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    bgr_lut = np.zeros((256, 3), np.uint8)
+    bgr_lut[: info.num_classes] = info.palette_array()[:, ::-1]
+
+    cm = ConfusionMatrix(info.num_classes, info.ignore_index)
+    indices = range(rank, len(samples), world_size)
+    loader = DataLoader(_EvalItems(samples, indices, runner.preprocess), batch_size=batch_size,
+                        num_workers=workers, collate_fn=_collate)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), desc="eval", unit="img", dynamic_ncols=True, file=sys.stderr, leave=False,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    start = time.perf_counter()
+    images = 0
+    try:
+        for batch in loader:
+            preds = predict_labels(runner, [b[1] for b in batch], [b[3] for b in batch])
+            for (index, _, label, _), pred in zip(batch, preds):
+                if label is not None:
+                    cm.update(pred, torch.from_numpy(label).to(pred.device))
+                if dirs:
+                    labels = pred.to(torch.uint8).cpu().numpy()
+                    stem = _stem(samples, index)
+                    if save_color is not None:
+                        _write_png(Path(save_color) / f"{stem}.png", bgr_lut[labels])
+                    if cityscapes_export is not None:
+                        _write_png(Path(cityscapes_export) / f"{stem}_gtFine_labelIds.png", trainid_to_labelid(labels))
+            images += len(batch)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+        if was_training:
+            model.train()
+    if world_size > 1:
+        cm.all_reduce()
+        counts = torch.tensor([images])
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            if dist.get_backend() == "nccl":
+                counts = counts.cuda()
+            dist.all_reduce(counts)
+        images = int(counts.item())
+    summary = cm.summary(info.class_names)
+    summary.update(images=images, seconds=time.perf_counter() - start, confusion_matrix=cm.matrix.tolist())
+    return summary
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"cannot write {path}")
+
+
+def format_summary(summary: dict[str, Any], class_names: Sequence[str]) -> str:
+    """The per-class table with standard and framework mIoU and pixel accuracy."""
+    cm = ConfusionMatrix(len(class_names), 255)
+    cm.matrix[:] = np.asarray(summary["confusion_matrix"], dtype=np.int64)
+    return cm.table(class_names)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file (default: the packaged ecmnet_core/weights/ecmnet_camvid.pt)")
+    parser.add_argument("--data", required=True, help="dataset root (or shard folder / index JSON)")
+    parser.add_argument("--split", default="val", help="split name (default: val)")
+    parser.add_argument("--kind", default="auto", choices=["auto", "camvid", "cityscapes", "folder", "shards"],
+                        help="dataset layout (default: detected from the root)")
+    parser.add_argument("--list", dest="list_file", default=None, help="'image [label]' list file for the split")
+    parser.add_argument("--classes-yaml", default=None, help="classes.yaml of a folder dataset")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="network input size (default: the checkpoint's input_size)")
+    size.add_argument("--native", action="store_true", help="run at each image's native resolution")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--fp16", action="store_true", help="half-precision inference (CUDA only)")
+    parser.add_argument("--scan-backend", default=None, help="selective-scan backend (mamba, torch, reference)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (same-size images)")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
+    parser.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON to this file")
+    parser.add_argument("--save-color", default=None, metavar="DIR", help="write colour predictions here")
+    parser.add_argument("--cityscapes-export", default=None, metavar="DIR",
+                        help="write official Cityscapes labelId PNGs here (for csEvalPixelLevelSemanticLabeling)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ecmnet_core.checkpoint import CheckpointError
+    from ecmnet_core.data import DataError, build_dataset
+    from ecmnet_core.inference import InferenceConfig, Segmenter
+
+    if args.batch_size < 1 or args.workers < 0:
+        print("eval: --batch-size must be >= 1 and --workers >= 0", file=sys.stderr)
+        return 2
+    input_size = (0, 0) if args.native else (tuple(args.input_size) if args.input_size else None)
+    try:
+        info, samples = build_dataset(args.kind, args.data, args.split, list_file=args.list_file,
+                                      classes_yaml=args.classes_yaml)
+        segmenter = Segmenter(InferenceConfig(checkpoint=args.checkpoint, device=args.device, fp16=args.fp16,
+                                              input_size=input_size, warmup=0, scan_backend=args.scan_backend))
+    except (DataError, CheckpointError, ValueError) as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return 2
+    if segmenter.num_classes != info.num_classes:
+        print(f"eval: checkpoint {segmenter.checkpoint_path} has {segmenter.num_classes} classes but dataset "
+              f"{info.name} ({args.data}) has {info.num_classes}", file=sys.stderr)
+        return 2
+    if [n.lower() for n in segmenter.class_names] != [n.lower() for n in info.class_names]:
+        print(f"eval: warning: class names differ between checkpoint ({', '.join(segmenter.class_names)}) and "
+              f"dataset ({', '.join(info.class_names)})", file=sys.stderr)
+    desc = segmenter.describe()
+    print(f"checkpoint {desc['checkpoint']} ({desc['checkpoint_hash']}), model {desc['model']}, "
+          f"input {desc['input_size']}, device {desc['device']}, scan {desc['scan_backend']}")
+    print(f"dataset {info.name} split {args.split!r} at {args.data}: {len(samples)} images")
+    summary = evaluate_samples(segmenter, samples, info, batch_size=args.batch_size, workers=args.workers,
+                               progress=not args.no_progress, save_color=args.save_color,
+                               cityscapes_export=args.cityscapes_export)
+    print(format_summary(summary, info.class_names))
+    print(f"{summary['images']} images in {summary['seconds']:.1f} s")
+    if args.json_out:
+        out = dict(summary)
+        out.update(checkpoint=desc["checkpoint"], checkpoint_hash=desc["checkpoint_hash"], model=desc["model"],
+                   input_size=desc["input_size"], dataset=info.name, split=args.split, data=str(args.data),
+                   class_names=list(info.class_names))
+        path = Path(args.json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2))
+        print(f"summary written to {path}")
+    return 0

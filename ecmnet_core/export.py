@@ -1,0 +1,165 @@
+"""ONNX export of an ECMNet for one fixed input resolution.
+
+The graph takes the model's own input, a normalised RGB tensor (1, 3, H, W) float32 (``(bgr - mean) / std``,
+channel-flipped, see ``ecmnet_core.data.transforms.normalize_image``), and returns logits (1, K, H, W).
+
+The selective scan has no ONNX operator: while exporting, ``selective_scan_fn`` falls back to the plain
+per-step recurrence, which the TorchScript exporter unrolls, so the node count grows with the scan length
+L = ceil(H/16) * ceil(W/16) (about 3,800 nodes at 64x96, L = 24). Export one file per resolution. The CUDA
+kernel and the compiled CPU kernel are never part of an exported graph.
+
+The legacy TorchScript exporter (``dynamo=False``) is used: the torch.export-based one needs ``onnxscript``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_OPSET = 17
+_INSTALL_HINT = "install the ONNX extras: pip install 'ecmnet_ros[onnx]' (onnx, onnxruntime)"
+
+
+@dataclass
+class ExportInfo:
+    """What :func:`export_onnx` wrote."""
+
+    path: Path
+    input_size: tuple[int, int]
+    opset: int
+    scan_length: int
+    nodes: int
+    file_bytes: int
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+
+def _check_size(input_size: tuple[int, int] | list[int]) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in input_size)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"input_size must be (H, W), got {input_size!r}") from exc
+    if h < 16 or w < 16:
+        raise ValueError(f"input_size {h}x{w} is too small: both sides must be >= 16 (the network's total stride)")
+    return h, w
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
+                *, input_name: str = "image", output_name: str = "logits",
+                metadata: dict[str, str] | None = None) -> ExportInfo:
+    """Export ``model`` (eval mode, on CPU, batch 1) for ``input_size`` = (H, W) to ``path``.
+
+    The caller's model is not modified (a CPU copy is exported). ``metadata`` is stored as the ONNX model's
+    ``metadata_props`` (e.g. class names, mean/std) when onnx is installed.
+    """
+    h, w = _check_size(input_size)
+    if opset < 13:
+        raise ValueError(f"opset {opset} is too old: the graph needs opset >= 13")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = copy.deepcopy(model).to("cpu").eval()
+    x = torch.zeros(1, 3, h, w)
+    with torch.no_grad(), warnings.catch_warnings():
+        # TracerWarnings about shape comparisons (resize_to, FFM pooling): sizes are fixed per export
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=opset, input_names=[input_name],
+                          output_names=[output_name], do_constant_folding=True)
+    op_counts: dict[str, int] = {}
+    nodes = -1
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        proto = onnx.load(str(path))
+        counts = Counter(node.op_type for node in proto.graph.node)
+        nodes = sum(counts.values())
+        op_counts = dict(counts.most_common())
+        if metadata:
+            for key, value in metadata.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = str(key), str(value)
+            onnx.save(proto, str(path))
+    return ExportInfo(path=path, input_size=(h, w), opset=opset,
+                      scan_length=math.ceil(h / 16) * math.ceil(w / 16), nodes=nodes,
+                      file_bytes=path.stat().st_size, op_counts=op_counts)
+
+
+def run_onnx(path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
+    """Run an exported file with onnxruntime (CPU) on ``x`` (1, 3, H, W); returns the logits as a tensor."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise RuntimeError(f"running an ONNX file needs onnxruntime; {_INSTALL_HINT}") from exc
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.detach().cpu().float().numpy()}
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+def verify_onnx(path: str | os.PathLike, model: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute difference between onnxruntime's and PyTorch's (eval, CPU) logits for ``x``."""
+    net = copy.deepcopy(model).to("cpu").eval()
+    with torch.no_grad():
+        expected = net(x.cpu().float())
+    return float((run_onnx(path, x) - expected).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line (``python -m ecmnet_core.export``; the lead may register it as ``ecmnet-core export``)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint to export (default: the packaged CamVid model unless --model is given)")
+    parser.add_argument("--model", default=None, help="export this variant with random weights instead")
+    parser.add_argument("--classes", type=int, default=11, help="classes of a --model export (default 11)")
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="input height and width (default: the checkpoint's input size, else 360 480)")
+    parser.add_argument("--out", required=True, help="output .onnx file")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--verify", action="store_true", help="compare onnxruntime with PyTorch on a random input")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ecmnet_core.checkpoint import CheckpointError, load_checkpoint
+    from ecmnet_core.model import build_model
+
+    metadata: dict[str, str] = {}
+    size = tuple(args.size) if args.size else None
+    try:
+        if args.model and not args.checkpoint:
+            model = build_model(args.model, args.classes)
+            metadata["random_weights"] = "true"
+        else:
+            ckpt = load_checkpoint(args.checkpoint)
+            model = ckpt.build_model()
+            size = size or (tuple(ckpt.input_size) if ckpt.input_size else None)
+            metadata.update(class_names=json.dumps(ckpt.class_names), palette_rgb=json.dumps(ckpt.palette),
+                            mean_bgr=json.dumps(ckpt.mean), std_bgr=json.dumps(ckpt.std))
+        metadata["input"] = "normalised RGB NCHW float32: (bgr - mean_bgr) / std_bgr, channels flipped to RGB"
+        info = export_onnx(model, args.out, size or (360, 480), args.opset, metadata=metadata)
+    except (CheckpointError, ValueError) as exc:
+        raise SystemExit(f"export: {exc}") from exc
+    print(f"wrote {info.path} ({info.file_bytes / 1e6:.1f} MB): input 1x3x{info.input_size[0]}x{info.input_size[1]}, "
+          f"opset {info.opset}, {info.nodes} nodes (scan unrolled over L = {info.scan_length})")
+    if args.verify:
+        x = torch.randn(1, 3, *info.input_size, generator=torch.Generator().manual_seed(0))
+        print(f"onnxruntime vs PyTorch: max |difference| of logits = {verify_onnx(info.path, model, x):.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="python -m ecmnet_core.export", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    sys.exit(run(_parser.parse_args()))

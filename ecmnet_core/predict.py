@@ -1,0 +1,167 @@
+"""``ecmnet-core predict``: segment images, folders and videos; write labels, colour masks and overlays.
+
+For every input image (or video frame ``<video>_<frame:06d>``) three PNGs go to ``--out``:
+``<stem>_labels.png`` (single-channel class ids at the input size, 255 = unlabeled), ``<stem>_color.png``
+(palette colours) and ``<stem>_overlay.png`` (colours blended over the image). Predictions are made exactly as
+in ``eval`` (:func:`ecmnet_core.evaluate.segment_images`), several images per forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+
+class InputError(ValueError):
+    """An input path that is missing, unreadable or of an unknown type."""
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
+    """``(kind, path)`` per image or video: folders are expanded (sorted, not recursive)."""
+    out: list[tuple[str, Path]] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           | VIDEO_EXTENSIONS)
+            if not found:
+                raise InputError(f"input folder {path} holds no images or videos")
+            out += [("video" if p.suffix.lower() in VIDEO_EXTENSIONS else "image", p) for p in found]
+        elif path.is_file():
+            suffix = path.suffix.lower()
+            if suffix in VIDEO_EXTENSIONS:
+                out.append(("video", path))
+            elif suffix in IMAGE_EXTENSIONS:
+                out.append(("image", path))
+            else:
+                raise InputError(f"input {path}: unknown file type {suffix!r} (images: "
+                                 f"{', '.join(sorted(IMAGE_EXTENSIONS))}; "
+                                 f"videos: {', '.join(sorted(VIDEO_EXTENSIONS))})")
+        else:
+            raise InputError(f"input {path} does not exist")
+    return out
+
+
+def iter_frames(inputs: list[tuple[str, Path]]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(stem, BGR uint8 image)`` for every image and every video frame, in order."""
+    from ecmnet_core.data import DataError, read_image
+
+    for kind, path in inputs:
+        if kind == "image":
+            try:
+                yield path.stem, read_image(path)
+            except DataError as exc:
+                raise InputError(str(exc)) from exc
+            continue
+        cap = cv2.VideoCapture(str(path))
+        if not cap.isOpened():
+            raise InputError(f"video {path} cannot be opened (unsupported codec or not a video)")
+        index = 0
+        try:
+            while True:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                yield f"{path.stem}_{index:06d}", frame
+                index += 1
+        finally:
+            cap.release()
+        if index == 0:
+            raise InputError(f"video {path} has no readable frames")
+
+
+def _batches(frames: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[list[tuple[str, np.ndarray]]]:
+    batch: list[tuple[str, np.ndarray]] = []
+    for item in frames:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _unique(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``... when two inputs share a name."""
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name)
+    return name
+
+
+def _write(path: Path, image: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"cannot write {path}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or video files")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file (default: the packaged ecmnet_core/weights/ecmnet_camvid.pt)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="network input size (default: the checkpoint's input_size)")
+    size.add_argument("--native", action="store_true", help="run at each image's native resolution")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--fp16", action="store_true", help="half-precision inference (CUDA only)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask (0..1)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass (default: 8 on CUDA, 1 on the CPU)")
+    parser.add_argument("--scan-backend", default=None, help="selective-scan backend (mamba, torch, reference)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ecmnet_core.checkpoint import CheckpointError
+    from ecmnet_core.evaluate import segment_images
+    from ecmnet_core.inference import InferenceConfig, Segmenter
+
+    if not 0.0 <= args.alpha <= 1.0:
+        print(f"predict: --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
+        return 2
+    if args.batch_size is not None and args.batch_size < 1:
+        print(f"predict: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    input_size = (0, 0) if args.native else (tuple(args.input_size) if args.input_size else None)
+    try:
+        inputs = expand_inputs(args.inputs)
+        segmenter = Segmenter(InferenceConfig(checkpoint=args.checkpoint, device=args.device, fp16=args.fp16,
+                                              input_size=input_size, warmup=0, scan_backend=args.scan_backend))
+    except (InputError, CheckpointError, ValueError) as exc:
+        print(f"predict: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batch_size = args.batch_size or (8 if segmenter.device.type == "cuda" else 1)
+    desc = segmenter.describe()
+    print(f"checkpoint {desc['checkpoint']} ({desc['checkpoint_hash']}), model {desc['model']}, "
+          f"input {desc['input_size']}, device {desc['device']}, {len(inputs)} input(s) -> {out}", file=sys.stderr)
+    used: set[str] = set()
+    count, start = 0, time.perf_counter()
+    try:
+        for batch in _batches(iter_frames(inputs), batch_size):
+            labels = segment_images(segmenter, [image for _, image in batch])
+            for (stem, image), lab in zip(batch, labels):
+                name = _unique(stem, used)
+                _write(out / f"{name}_labels.png", lab)
+                _write(out / f"{name}_color.png", segmenter.colorize(lab))
+                _write(out / f"{name}_overlay.png", segmenter.overlay(image, lab, args.alpha))
+            count += len(batch)
+    except (InputError, OSError) as exc:
+        print(f"predict: {exc}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    print(f"{count} image(s) segmented in {elapsed:.1f} s ({1000 * elapsed / max(count, 1):.0f} ms each), "
+          f"written to {out}")
+    return 0

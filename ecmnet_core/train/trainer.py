@@ -1,0 +1,609 @@
+"""The training loop: data, model, optimiser, schedule, AMP, DDP, validation, checkpoints and exact resume.
+
+Reproducibility: sample order comes from a seeded ``DistributedSampler`` (seed, epoch) and augmentation from
+``np.random.default_rng((seed, epoch, index))`` per sample, so neither depends on worker processes. Together
+with the stored optimiser, scheduler, scaler and RNG states, a run resumed from ``last.pt`` (saved at an epoch
+end, every ``checkpoint_every`` iterations, or on SIGINT/SIGTERM) continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ecmnet_core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_state_into, save_checkpoint
+from ecmnet_core.data import (
+    SegmentationDataset,
+    TrainTransform,
+    build_dataset,
+    compute_stats,
+    detect_kind,
+    load_raw,
+)
+from ecmnet_core.evaluate import evaluate_samples
+from ecmnet_core.model import build_model, model_config
+from ecmnet_core.train.config import TrainConfig
+from ecmnet_core.train.distributed import DistEnv, any_rank, barrier, broadcast_object
+from ecmnet_core.train.losses import WeightedCrossEntropy
+from ecmnet_core.train.run_log import EpochRecord, RunLogger
+from ecmnet_core.train.schedule import WarmupPolyLR, effective_warmup
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, bad data); ``last.pt`` still holds the last good state."""
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` reports. ``stopped`` is "done", "max_iters" or "signal"."""
+
+    run_dir: Path
+    epochs_done: int
+    iterations: int
+    best_miou: float
+    best_epoch: int
+    last_val: dict[str, Any] | None
+    wall_time_s: float
+    stopped: str
+    signal: int | None = None
+
+
+class Trainer:
+    """Train one model as described by a :class:`TrainConfig`; outputs go to ``run_dir``.
+
+    Args:
+        config: the recipe (with ``data.root`` set).
+        run_dir: folder for ``last.pt``, ``best.pt``, ``log.csv``, plots, TensorBoard events, dataset stats.
+        env: distributed placement (default: single process on ``config.train.device``).
+        resume: a ``last.pt`` to continue from, ``"auto"`` (``run_dir/last.pt`` when it exists) or None.
+        tensorboard: write TensorBoard event files.
+        plots: redraw ``loss.png`` and ``miou.png`` after every epoch.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path, env: DistEnv | None = None,
+                 resume: str | Path | None = None, tensorboard: bool = True, plots: bool = True) -> None:
+        from ecmnet_core.train.distributed import resolve_device
+
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.env = env or DistEnv(device=resolve_device(config.train.device))
+        self.device = self.env.device
+        self.tensorboard = tensorboard
+        self.plots = plots
+        self._stop_signal: int | None = None
+        c, d = config.train, config.data
+        if not d.root:
+            raise ValueError("training needs a dataset: set data.root (--data ROOT)")
+        for name, value in (("train.epochs", c.epochs), ("data.batch_size", d.batch_size),
+                            ("train.val_every", c.val_every)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if d.workers < 0 or c.max_iters < 0 or c.checkpoint_every < 0 or c.grad_clip < 0:
+            raise ValueError("data.workers, train.max_iters, train.checkpoint_every and train.grad_clip must be >= 0")
+        self.amp = bool(c.amp)
+        if self.amp and self.device.type != "cuda":
+            warnings.warn("train.amp needs CUDA; training in fp32 on the CPU", stacklevel=2)
+            self.amp = False
+        _seed_everything(c.seed)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self._setup_data()
+        self._setup_model()
+        self.resume_path = self._resume_path(resume)
+        if self.resume_path is not None:
+            self._load_training_state(self.resume_path)
+
+    # -------------------------------------------------------------------------------------------- set-up
+    def _setup_data(self) -> None:
+        d, env = self.config.data, self.env
+        kind = d.kind or detect_kind(d.root)
+        # rank 0 checks every file once; the other ranks trust it (and fail with the same message if it failed)
+        error = None
+        if env.is_main:
+            try:
+                build_dataset(kind, d.root, d.train_split, list_file=d.train_list, classes_yaml=d.classes_yaml)
+                build_dataset(kind, d.root, d.val_split, list_file=d.val_list, classes_yaml=d.classes_yaml)
+            except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+                error = exc
+        error = broadcast_object(None if error is None else str(error), env) if env.distributed else error
+        if error is not None:
+            raise error if isinstance(error, Exception) else TrainingError(error)
+        self.info, self.train_samples = build_dataset(kind, d.root, d.train_split, list_file=d.train_list,
+                                                      classes_yaml=d.classes_yaml, validate=False)
+        _, self.val_samples = build_dataset(kind, d.root, d.val_split, list_file=d.val_list,
+                                            classes_yaml=d.classes_yaml, validate=False)
+        self.kind = kind
+
+        stats = None
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            stats = compute_stats(self.train_samples, self.info, cache=self.run_dir / "dataset_stats.json")
+        self.stats = broadcast_object(stats, env)
+        self.class_weights = self._class_weights()
+
+        self.train_set = SegmentationDataset(
+            self.train_samples,
+            TrainTransform(d.crop, self.stats.mean_bgr, self.stats.std_bgr, self.info.ignore_index,
+                           scale_range=d.scale_range, flip=d.flip, jitter=d.jitter, base_scale=d.base_scale),
+            self.info, seed=self.config.train.seed)
+        self.sampler = DistributedSampler(self.train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                          seed=self.config.train.seed, drop_last=False)
+        self.iters_per_epoch = len(self.sampler) // d.batch_size
+        if self.iters_per_epoch < 1:
+            raise ValueError(f"data.batch_size {d.batch_size} x {env.world_size} process(es) is larger than the "
+                             f"{len(self.train_set)} training images of {d.root} ({d.train_split})")
+        total = self.config.train.epochs * self.iters_per_epoch
+        self.total_iters = min(total, self.config.train.max_iters) if self.config.train.max_iters else total
+        self.input_size = self._network_size()
+
+    def _class_weights(self) -> list[float] | None:
+        spec, k = self.config.data.class_weights, self.info.num_classes
+        if spec in (None, "none", False):
+            return None
+        if spec == "enet":
+            return [float(w) for w in self.stats.class_weights]
+        if isinstance(spec, (list, tuple)) and len(spec) == k:
+            return [float(w) for w in spec]
+        raise ValueError(f"data.class_weights must be 'enet', 'none' or a list of {k} numbers, got {spec!r}")
+
+    def _network_size(self) -> list[int]:
+        """The (H, W) the model runs at after training: the first validation image's size times val_scale."""
+        image, _ = load_raw(self.val_samples, 0)
+        h, w = image.shape[:2]
+        s = self.config.data.val_scale
+        return [max(1, int(round(h * s))), max(1, int(round(w * s)))]
+
+    def _setup_model(self) -> None:
+        m, o, c = self.config.model, self.config.optim, self.config.train
+        mcfg = model_config(m.name, self.info.num_classes, scan_backend=m.scan_backend, **m.overrides)
+        torch.manual_seed(c.seed)  # identical initial weights on every rank and every run
+        model = build_model(mcfg)
+        if c.sync_bn and self.env.distributed:
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif self.env.is_main:  # torch's SyncBatchNorm has no CPU implementation
+                warnings.warn("train.sync_bn ignored: SyncBatchNorm needs CUDA", stacklevel=2)
+        self.model = model.to(self.device)
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None) if self.env.distributed else None)
+
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        name = o.name.lower()
+        if name == "adam":
+            self.optimizer = torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        elif name == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        elif name == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+        else:
+            raise ValueError(f"optim.name {o.name!r} is not supported (adam, adamw, sgd)")
+        s = self.config.schedule
+        warmup = effective_warmup(s.warmup_iters, self.total_iters)
+        self.scheduler = WarmupPolyLR(self.optimizer, self.total_iters, warmup, s.warmup_ratio, s.power, s.min_lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.criterion = WeightedCrossEntropy(self.info.num_classes, self.class_weights,
+                                              self.info.ignore_index).to(self.device)
+
+        self.epoch = 0  # completed epochs
+        self.iter_in_epoch = 0  # iterations done in the current (unfinished) epoch
+        self.global_iter = 0
+        self.best_miou = -1.0
+        self.best_epoch = 0
+        self.last_val: dict[str, Any] | None = None
+        self.wall_time = 0.0  # accumulated over resumed segments
+        self.epoch_loss_sum = 0.0
+        self.epoch_loss_count = 0
+        self.epoch_time = 0.0
+        self.bad_streak = 0  # consecutive batches with a non-finite loss
+
+    # -------------------------------------------------------------------------------------------- resume
+    def _resume_path(self, resume: str | Path | None) -> Path | None:
+        if resume is None or resume == "":
+            return None
+        if str(resume) == "auto":
+            path = self.run_dir / "last.pt"
+            return path if path.is_file() else None
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {path}: no such checkpoint")
+        return path
+
+    def _load_training_state(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, expect_classes=self.info.num_classes, expect_model=self.config.model.name)
+        state = ckpt.training_state
+        if not state:
+            raise CheckpointError(f"{path} has no training state (best.pt files cannot be resumed; use last.pt)")
+        load_state_into(self.model, ckpt, str(path))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: optimiser/scheduler state does not fit this recipe: {exc}") from exc
+        if state.get("total_iters") != self.total_iters:
+            raise CheckpointError(f"{path}: it was trained for {state.get('total_iters')} total iterations, this "
+                                  f"recipe has {self.total_iters} (epochs, batch size, dataset or max_iters changed)")
+        if state.get("world_size", 1) != self.env.world_size:
+            warnings.warn(f"{path} was written by {state.get('world_size')} process(es), resuming with "
+                          f"{self.env.world_size}: the data order will differ from an uninterrupted run",
+                          stacklevel=2)
+        self.epoch = int(state["epoch"])
+        self.iter_in_epoch = int(state["iter_in_epoch"])
+        self.global_iter = int(state["global_iter"])
+        self.best_miou = float(state["best_miou"])
+        self.best_epoch = int(state["best_epoch"])
+        self.wall_time = float(state.get("wall_time", 0.0))
+        self.epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
+        self.epoch_loss_count = int(state.get("epoch_loss_count", 0))
+        self.epoch_time = float(state.get("epoch_time", 0.0))
+        self.last_val = state.get("last_val")
+        _set_rng_state(state["rng"])
+
+    def _training_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "iter_in_epoch": self.iter_in_epoch,
+            "global_iter": self.global_iter,
+            "total_iters": self.total_iters,
+            "world_size": self.env.world_size,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _get_rng_state(),
+            "best_miou": self.best_miou,
+            "best_epoch": self.best_epoch,
+            "wall_time": self.wall_time,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_loss_count": self.epoch_loss_count,
+            "epoch_time": self.epoch_time,
+            "last_val": self.last_val,
+            "data_order": {"seed": self.config.train.seed, "sampler": "DistributedSampler(shuffle, seed, epoch)",
+                           "augmentation": "default_rng((seed, epoch, index))"},
+        }
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def make_checkpoint(self, with_state: bool) -> Checkpoint:
+        state_dict = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        # SyncBatchNorm has the same state-dict keys as BatchNorm2d, so checkpoints load into plain models
+        return Checkpoint(
+            model_config=self.model.config, state_dict=state_dict, class_names=list(self.info.class_names),
+            palette=[list(c) for c in self.info.palette], mean=list(self.stats.mean_bgr),
+            std=list(self.stats.std_bgr), ignore_index=self.info.ignore_index, input_size=list(self.input_size),
+            class_weights=self.class_weights, dataset=self.info.name, metadata=self._metadata(),
+            training_state=self._training_state() if with_state else None)
+
+    def _metadata(self) -> dict[str, Any]:
+        hardware = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": str(torch.__version__),
+                    "device": str(self.device), "world_size": self.env.world_size,
+                    "threads": torch.get_num_threads()}
+        if self.device.type == "cuda":
+            hardware["gpu"] = torch.cuda.get_device_name(self.device)
+        return {
+            "epochs_done": self.epoch, "iterations": self.global_iter, "total_iters": self.total_iters,
+            "best_miou": self.best_miou, "best_epoch": self.best_epoch, "last_val": _val_brief(self.last_val),
+            "recipe": self.config.to_dict(), "dataset_kind": self.kind, "dataset_root": str(self.config.data.root),
+            "train_images": len(self.train_samples), "val_images": len(self.val_samples),
+            "wall_time_s": round(self.wall_time, 1), "hardware": hardware,
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def _params_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.state_dict().values() if p.is_floating_point())
+
+    def save_last(self) -> Path | None:
+        """Write ``last.pt`` (rank 0) unless the weights went non-finite, so the last good one survives."""
+        if not self.env.is_main:
+            return None
+        if not self._params_finite():
+            raise TrainingError(f"weights became non-finite at iteration {self.global_iter}; {self.run_dir}/last.pt "
+                                "keeps the last good state")
+        return save_checkpoint(self.make_checkpoint(with_state=True), self.run_dir / "last.pt")
+
+    # -------------------------------------------------------------------------------------------- loop
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        if self.env.is_main:
+            print(f"\nsignal {signum}: saving {self.run_dir / 'last.pt'} after this iteration", file=sys.stderr)
+
+    def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        d = self.config.data
+        self.sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+        indices = list(self.sampler)[skip_batches * d.batch_size:]
+        return DataLoader(self.train_set, batch_size=d.batch_size, sampler=indices, num_workers=d.workers,
+                          drop_last=True, pin_memory=self.device.type == "cuda",
+                          persistent_workers=False, prefetch_factor=2 if d.workers else None)
+
+    def fit(self) -> TrainResult:
+        """Train until ``train.epochs`` (or ``train.max_iters``), validating every ``val_every`` epochs and at the
+        end. SIGINT/SIGTERM save ``last.pt`` at the next iteration boundary and return ``stopped="signal"``."""
+        c, env = self.config.train, self.env
+        logger = None
+        if env.is_main:
+            logger = RunLogger(self.run_dir, resume_epoch=self.epoch, resume_iter=self.global_iter,
+                               tensorboard=self.tensorboard, plots=self.plots)
+        old_handlers = {}
+        if _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+        stopped = "done"
+        segment_start = time.perf_counter()
+        try:
+            if env.is_main:
+                self._print_header()
+            while self.epoch < c.epochs and self.global_iter < self.total_iters:
+                stopped = self._run_epoch(logger)
+                if stopped == "signal":
+                    break
+            else:
+                stopped = "max_iters" if self.epoch < c.epochs else "done"
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            if logger is not None:
+                logger.close()
+        barrier(env)
+        return TrainResult(self.run_dir, self.epoch, self.global_iter, self.best_miou, self.best_epoch,
+                           _val_brief(self.last_val), time.perf_counter() - segment_start, stopped,
+                           self._stop_signal)
+
+    def _print_header(self) -> None:
+        c, d = self.config, self.config.data
+        resumed = f", resumed from {self.resume_path} at epoch {self.epoch} iteration {self.global_iter}" \
+            if self.resume_path else ""
+        params = sum(p.numel() for p in self.model.parameters())
+        print(f"train {c.model.name} ({params:,} params) on {self.info.name} {self.kind} {d.root}: "
+              f"{len(self.train_samples)} train / {len(self.val_samples)} val images, crop {d.crop[0]}x{d.crop[1]}, "
+              f"base scale {d.base_scale}, val scale {d.val_scale} (network size "
+              f"{self.input_size[0]}x{self.input_size[1]})", file=sys.stderr)
+        print(f"  {c.optim.name} lr {c.optim.lr} wd {c.optim.weight_decay}, batch {d.batch_size} x "
+              f"{self.env.world_size} process(es), {self.iters_per_epoch} it/epoch, {self.total_iters} iterations, "
+              f"device {self.device}, amp {self.amp}, scan backend {self.model.scan_backend(self.device)}, "
+              f"run dir {self.run_dir}{resumed}", file=sys.stderr)
+        if self.class_weights:
+            print("  class weights " + " ".join(f"{w:.3f}" for w in self.class_weights), file=sys.stderr)
+
+    def _run_epoch(self, logger: RunLogger | None) -> str:
+        c, env = self.config.train, self.env
+        net = self.ddp or self.model
+        net.train()
+        epoch_start = time.perf_counter()
+        loader = self._loader(self.epoch, self.iter_in_epoch)
+        bar = None
+        if env.is_main and c.progress:
+            from tqdm import tqdm
+
+            # redirected to a log file: a line every 30 s instead of a redraw every second
+            bar = tqdm(total=self.iters_per_epoch, initial=self.iter_in_epoch, desc=f"epoch {self.epoch + 1}",
+                       unit="it", dynamic_ncols=True, file=sys.stderr, leave=False,
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        stopped = ""
+        batches = iter(loader)
+        while self.global_iter < self.total_iters:
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                if self._stop_signal is None:
+                    raise
+                stopped = "signal"  # Ctrl-C also reached the loader workers; the state is still consistent
+                break
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            lr = self.optimizer.param_groups[0]["lr"]
+            # BatchNorm statistics change in the forward pass: keep a copy to undo a bad batch (a few KB)
+            saved_buffers = [b.detach().clone() for b in self.model.buffers()]
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = net(images)
+            loss = self.criterion(logits, labels)
+            bad = not bool(torch.isfinite(loss))
+            flags = _flags(bad, self._stop_signal is not None, env)
+            if flags[0]:
+                # skip the update on every rank: weights, BatchNorm statistics, optimiser and scaler stay as they were
+                self.bad_streak += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for buffer, saved in zip(self.model.buffers(), saved_buffers):
+                        buffer.copy_(saved)
+                if self.bad_streak > c.max_bad_batches:
+                    raise TrainingError(f"{self.bad_streak} consecutive batches with a non-finite loss at iteration "
+                                        f"{self.global_iter}; {self.run_dir}/last.pt keeps the last good state")
+                if env.is_main:
+                    print(f"\nwarning: non-finite loss at iteration {self.global_iter}, batch skipped",
+                          file=sys.stderr)
+            else:
+                self.bad_streak = 0
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if c.grad_clip > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.epoch_loss_sum += float(loss.detach())
+                self.epoch_loss_count += 1
+            self.scheduler.step()
+            self.global_iter += 1
+            self.iter_in_epoch += 1
+            loss_value = float(loss.detach())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if logger is not None and self.global_iter % 10 == 0:
+                logger.log_scalar("train/loss", loss_value, self.global_iter)
+                logger.log_scalar("train/lr", lr, self.global_iter)
+            # single process: honour a signal right after this step; DDP: all ranks agree on it with the flags
+            if flags[1] or (not env.distributed and self._stop_signal is not None):
+                stopped = "signal"
+                break
+            if c.checkpoint_every and self.global_iter % c.checkpoint_every == 0 \
+                    and self.iter_in_epoch < self.iters_per_epoch:
+                self._save_mid_epoch(epoch_start)
+        if bar is not None:
+            bar.close()
+        del batches, loader
+        if stopped == "signal":
+            self._save_mid_epoch(epoch_start)
+            return "signal"
+        if self.iter_in_epoch < self.iters_per_epoch and self.global_iter < self.total_iters:
+            raise TrainingError(f"the data loader stopped after {self.iter_in_epoch} of {self.iters_per_epoch} "
+                                f"iterations of epoch {self.epoch + 1}")
+
+        # epoch (or the whole max_iters budget) done
+        self.epoch_time += time.perf_counter() - epoch_start
+        self.wall_time += time.perf_counter() - epoch_start
+        finished = self.iter_in_epoch >= self.iters_per_epoch
+        if finished:
+            self.epoch += 1
+        last = self.epoch >= c.epochs or self.global_iter >= self.total_iters
+        record = EpochRecord(epoch=self.epoch if finished else self.epoch + 1, iters=self.global_iter,
+                             lr=self.optimizer.param_groups[0]["lr"],
+                             train_loss=self._mean_epoch_loss(), epoch_time=self.epoch_time)
+        if last or (finished and self.epoch % c.val_every == 0):
+            val_start = time.perf_counter()
+            self.last_val = self.validate()
+            self.wall_time += time.perf_counter() - val_start
+            record.val_miou = _nan(self.last_val["miou"])
+            record.val_miou_framework = _nan(self.last_val["miou_framework"])
+            record.pixel_acc = _nan(self.last_val["pixel_accuracy"])
+            improved = not math.isnan(record.val_miou) and record.val_miou > self.best_miou
+            if improved:
+                self.best_miou, self.best_epoch = record.val_miou, record.epoch
+        else:
+            improved = False
+        if finished:
+            self.iter_in_epoch = 0
+            self.epoch_loss_sum, self.epoch_loss_count, self.epoch_time = 0.0, 0, 0.0
+        self.save_last()
+        if env.is_main:
+            if improved:
+                save_checkpoint(self.make_checkpoint(with_state=False), self.run_dir / "best.pt")
+            logger.log_epoch(record)
+            self._print_epoch(record, improved)
+        barrier(env)
+        return "max_iters" if not finished else ""
+
+    def _save_mid_epoch(self, epoch_start: float) -> None:
+        elapsed = time.perf_counter() - epoch_start
+        self.epoch_time += elapsed
+        self.wall_time += elapsed
+        self.save_last()
+        barrier(self.env)
+        # the clock restarts at the caller's next epoch_start; avoid counting the same span twice
+        self.epoch_time -= elapsed
+        self.wall_time -= elapsed
+
+    def _mean_epoch_loss(self) -> float:
+        total = torch.tensor([self.epoch_loss_sum, float(self.epoch_loss_count)], dtype=torch.float64)
+        if self.env.distributed:
+            import torch.distributed as dist
+
+            total = total.to(self.device)
+            dist.all_reduce(total)
+        s, n = total.tolist()
+        return s / n if n else math.nan
+
+    def _print_epoch(self, record: EpochRecord, improved: bool) -> None:
+        msg = (f"epoch {record.epoch}/{self.config.train.epochs}  iter {record.iters}/{self.total_iters}  "
+               f"loss {record.train_loss:.4f}  lr {record.lr:.2e}  time {record.epoch_time:.1f}s")
+        if not math.isnan(record.val_miou):
+            msg += (f"  val mIoU {100 * record.val_miou:.2f}% (framework {100 * record.val_miou_framework:.2f}%)"
+                    f"  pixel acc {100 * record.pixel_acc:.2f}%")
+            msg += "  [best]" if improved else f"  (best {100 * self.best_miou:.2f}% @ {self.best_epoch})"
+        print(msg, file=sys.stderr)
+
+    def validate(self) -> dict[str, Any]:
+        """Standard/framework mIoU on the validation split at ``data.val_scale`` (labels at full size),
+        sharded over ranks and all-reduced."""
+        d = self.config.data
+        return evaluate_samples(self.model, self.val_samples, self.info, mean=self.stats.mean_bgr,
+                                std=self.stats.std_bgr, scale=d.val_scale,
+                                amp=self.amp, workers=min(d.workers, 2), rank=self.env.rank,
+                                world_size=self.env.world_size,
+                                progress=self.env.is_main and self.config.train.progress)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _flags(bad: bool, stop: bool, env: DistEnv) -> tuple[bool, bool]:
+    """(bad batch on any rank, stop requested on any rank), with one all-reduce in distributed runs."""
+    if not env.distributed:
+        return bad, stop
+    flags = any_rank([bad, stop], env)
+    return flags[0], flags[1]
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _val_brief(val: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not val:
+        return None
+    return {k: val[k] for k in ("miou", "miou_framework", "pixel_accuracy", "per_class", "images") if k in val}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _get_rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU, CUDA) generator states as plain values and tensors (weights_only safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _tuples_to_lists(random.getstate()),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _tuples_to_lists(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_tuples_to_lists(v) for v in value]
+    return value
