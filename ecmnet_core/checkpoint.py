@@ -119,6 +119,9 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         torch.save(ckpt.to_dict(), tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary shareable file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
