@@ -13,7 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["ecmnet_core", "ecmnet_core.*", "ecmnet_ros", "ecmnet_ros.*"]),
-    package_data={"ecmnet_core": ["weights/*.pt", "configs/*.yaml"]},
+    package_data={"ecmnet_core": ["weights/*.pt", "configs/*.yaml", "ops/csrc/*.cpp"]},
     include_package_data=True,
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
@@ -45,7 +45,7 @@ setup(
         ],
         "mamba": ["mamba-ssm"],
     },
-    zip_safe=True,
+    zip_safe=False,  # the CPU scan kernel is compiled from its packaged source on first use
     entry_points={
         "console_scripts": [
             "ecmnet-core = ecmnet_core.cli:main",

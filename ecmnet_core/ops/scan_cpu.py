@@ -81,7 +81,8 @@ def _cpu_tag() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
-    keep = [line for line in text.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    fields = ("model name", "flags", "Features", "CPU implementer", "CPU part")  # x86 and ARM
+    keep = [line for line in text.splitlines() if line.split(":")[0].strip() in fields]
     return "\n".join(dict.fromkeys(keep)) or f"{platform.machine()} {platform.processor()}"
 
 
@@ -351,7 +352,7 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     n = A.shape[1]
     Bg, Cg = _grouped(B, "B", batch, length, n), _grouped(C, "C", batch, length, n)
     groups = Bg.shape[1]
-    if Cg.shape[1] != groups or dim % groups:
+    if groups < 1 or Cg.shape[1] != groups or dim % groups:
         raise ValueError(f"selective scan: dim {dim} must be divisible by the groups of B ({groups}) and C "
                          f"({Cg.shape[1]}), which must match")
     if z is not None and z.shape != u.shape:
