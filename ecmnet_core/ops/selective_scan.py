@@ -10,6 +10,8 @@ Semantics, per batch b, channel d and state n (channel d uses group ``d // (dim 
 Backends:
 
 * ``mamba``: mamba-ssm's CUDA kernel (CUDA tensors, mamba-ssm installed).
+* ``triton``: our Triton kernel for CUDA tensors (:mod:`ecmnet_core.ops.scan_triton`), for GPUs without a
+  mamba-ssm build.
 * ``cpp``: compiled C++ kernel for CPU tensors (:mod:`ecmnet_core.ops.scan_cpu`), built on first use with the
   system compiler; when it cannot be built, a warning is issued once and ``torch`` is used instead.
 * ``torch``: pure PyTorch, chunked time-major recurrence with a hand-written backward that recomputes
@@ -17,7 +19,8 @@ Backends:
 * ``reference``: the plain sequential recurrence with autograd; slow, used by tests as ground truth.
 
 The backend is chosen by the ``backend`` argument, else the ``ECMNET_SCAN_BACKEND`` environment variable,
-else automatically (``mamba`` on CUDA when importable, ``cpp`` on CPU when it builds, otherwise ``torch``).
+else automatically: on CUDA ``mamba`` when importable, then ``triton``; on CPU ``cpp`` when it builds;
+otherwise ``torch``.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ecmnet_core.ops import scan_cpu
+from ecmnet_core.ops import scan_cpu, scan_triton
 
 ENV_VAR = "ECMNET_SCAN_BACKEND"
-BACKENDS = ("mamba", "cpp", "torch", "reference")
+BACKENDS = ("mamba", "triton", "cpp", "torch", "reference")
 DEFAULT_CHUNK = 64
 
 
@@ -52,6 +55,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     names = []
     if device.type == "cuda" and _mamba_fn() is not None:
         names.append("mamba")
+    if device.type == "cuda" and scan_triton.triton_available():
+        names.append("triton")
     if device.type == "cpu" and scan_cpu.is_available():
         names.append("cpp")
     names += ["torch", "reference"]
@@ -73,6 +78,13 @@ def resolve_backend(backend: str | None = None, device: torch.device | str = "cp
         if _mamba_fn() is None:
             raise ValueError("selective-scan backend 'mamba' requested but mamba-ssm is not installed "
                              "(pip install 'ecmnet[mamba]' on a CUDA machine)")
+    if name == "triton":
+        if device.type != "cuda" and not scan_triton.interpreting():
+            raise ValueError(f"selective-scan backend 'triton' needs CUDA tensors, got {device} "
+                             "(or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+        if not scan_triton.triton_available():
+            raise ValueError("selective-scan backend 'triton' requested but triton is not installed "
+                             "(pip install 'ecmnet_ros[triton]')")
     if name == "cpp":
         if device.type != "cpu":
             raise ValueError(f"selective-scan backend 'cpp' needs CPU tensors, got {device}")
@@ -306,6 +318,9 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     name = resolve_backend(backend, u.device)
     if name == "mamba":
         return _scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "triton":
+        return scan_triton.selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                 return_last_state)
     if name == "cpp":
         return scan_cpu.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "torch":
