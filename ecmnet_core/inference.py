@@ -1,12 +1,11 @@
 """One inference class shared by ``predict``, ``eval``, rosbag replay and the ROS node (no ROS inside).
 
 Pre-processing: optional resize to the network size, BGR normalisation with the checkpoint's mean/std.
-Post-processing: argmax, labels resized back to the input size (nearest), colour mask, overlay, coverage.
+Post-processing: logits upsampled bilinearly to the input size, argmax, colour mask, overlay, coverage.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -18,9 +17,8 @@ import torch
 
 from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, file_sha256, load_checkpoint
 from ecmnet_core.data.transforms import normalize_image
+from ecmnet_core.evaluate import SegmenterRunner, predict_labels
 from ecmnet_core.model import build_model, model_config
-
-log = logging.getLogger(__name__)
 
 UNLABELED = 255
 #: Normalisation used for random-weight models (CamVid train+val statistics, BGR, 0..255).
@@ -113,6 +111,7 @@ class Segmenter:
             model = model.half()
         self.model = model
         self.scan_backend = model.scan_backend(self.device)
+        self._runner = SegmenterRunner(self)
         self._bgr_lut = np.zeros((256, 3), np.uint8)  # label -> BGR colour; 255 (and unknown ids) stay black
         self._bgr_lut[: self.num_classes] = self.palette[:, ::-1]
         if config.warmup and self.input_size is not None:
@@ -171,38 +170,21 @@ class Segmenter:
             image = cv2.resize(image, (self.input_size[1], self.input_size[0]), interpolation=cv2.INTER_LINEAR)
         return normalize_image(image, self.mean, self.std)
 
-    @torch.inference_mode()
-    def predict_tensor(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) normalised -> (B, h, w) int64 class ids at the network size."""
-        batch = batch.to(self.device, non_blocking=True)
-        if self.config.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        if self.config.fp16:
-            batch = batch.half()
-        return self.model(batch).argmax(dim=1)
-
     def segment(self, image: np.ndarray) -> SegmentationResult:
         return self.segment_batch([image])[0]
 
     def segment_batch(self, images: list[np.ndarray]) -> list[SegmentationResult]:
-        """Segment several images (e.g. one per camera); same-size inputs run as one batch."""
-        results: list[SegmentationResult | None] = [None] * len(images)
-        groups: dict[tuple[int, ...], list[int]] = {}
+        """Segment several images (e.g. one per camera); same-size inputs run as one batch.
+
+        Labels are made exactly as ``ecmnet-core eval`` makes them (:func:`ecmnet_core.evaluate.predict_labels`:
+        logits upsampled bilinearly to the input size, then argmax), so node, replay and eval agree.
+        """
         tensors = [self.preprocess(img) for img in images]
-        for i, t in enumerate(tensors):
-            groups.setdefault(tuple(t.shape), []).append(i)
-        for idx in groups.values():
-            start = time.perf_counter()
-            pred = self.predict_tensor(torch.stack([tensors[i] for i in idx]))
-            labels_small = pred.to(torch.uint8).cpu().numpy()
-            elapsed = (time.perf_counter() - start) * 1000.0 / len(idx)
-            for j, i in enumerate(idx):
-                h, w = images[i].shape[:2]
-                labels = labels_small[j]
-                if labels.shape != (h, w):
-                    labels = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
-                results[i] = SegmentationResult(labels=labels, coverage=self.coverage(labels), inference_ms=elapsed)
-        return results  # type: ignore[return-value]
+        start = time.perf_counter()
+        preds = predict_labels(self._runner, tensors, [img.shape[:2] for img in images])
+        labels = [p.to(torch.uint8).cpu().numpy() for p in preds]
+        elapsed = (time.perf_counter() - start) * 1000.0 / max(len(images), 1)
+        return [SegmentationResult(labels=lab, coverage=self.coverage(lab), inference_ms=elapsed) for lab in labels]
 
     # ------------------------------------------------------------------------------------------------ outputs
     def coverage(self, labels: np.ndarray) -> np.ndarray:

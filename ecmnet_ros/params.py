@@ -63,7 +63,7 @@ PARAMS: tuple[ParamSpec, ...] = (
               "auto (CUDA when available, else CPU - reported in logs and diagnostics), cpu, cuda or cuda:N "
               "(an unavailable CUDA device is an error, never a silent CPU fallback)"),
     ParamSpec("fp16", BOOL, False, CONFIGURE, "half-precision inference (CUDA only)"),
-    ParamSpec("channels_last", BOOL, False, CONFIGURE, "channels-last memory format (sometimes faster on GPU)"),
+    ParamSpec("channels_last", BOOL, True, CONFIGURE, "channels-last memory format (faster for this model on CPU)"),
     ParamSpec("input_size", INTEGER_ARRAY, None, CONFIGURE,
               "[H, W] network input size; unset = the checkpoint's size, [0, 0] = each image's own size. "
               "Labels are always published at the input image size"),
