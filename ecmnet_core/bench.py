@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -309,6 +310,7 @@ class ScanBenchConfig:
     skip_slow: bool = False
     memory: bool = True
     budget_s: float = 60.0
+    progress: bool = False  # one line per finished measurement on stderr (long runs)
     d_inner: int = FFM_D_INNER
     d_state: int = FFM_D_STATE
     directions: int = FFM_DIRECTIONS
@@ -407,6 +409,9 @@ def bench_scan(cfg: ScanBenchConfig) -> dict:
                 continue
             timing = time_fn(make(method), cfg.runs, cfg.warmup, device, cfg.budget_s)
             results[method][mode] = timing.summary()
+            if cfg.progress:
+                print(f"[bench --scan] {method} {mode}: median {timing.median:.1f} ms over {len(timing.samples_ms)} "
+                      "run(s)", file=sys.stderr, flush=True)
     memory_note = None
     if cfg.memory:
         if device.type == "cpu" and not cpu_peak_supported():
@@ -423,6 +428,9 @@ def bench_scan(cfg: ScanBenchConfig) -> dict:
                         continue
                     peak = peak_extra_bytes(make(method), device)
                     res["peak_extra_mib"] = None if peak is None else peak / MIB
+                    if cfg.progress and peak is not None:
+                        print(f"[bench --scan] {method} {mode}: peak extra {peak / MIB:.0f} MiB", file=sys.stderr,
+                              flush=True)
             memory_note = ("CUDA max_memory_allocated above the inputs" if device.type == "cuda" else
                            "CPU resident-set high-water mark above the resident set before the call "
                            "(glibc mmap threshold pinned at 1 MiB)")
@@ -482,6 +490,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="--scan: do not measure peak memory")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="--scan: stop repeating one measurement after this many seconds (default 60)")
+    parser.add_argument("--progress", action="store_true",
+                        help="--scan: report each finished measurement on stderr while the run goes on")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -555,7 +565,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = ScanBenchConfig(size=size, batch=args.batch, device=args.device, backends=args.backends,
                                   runs=5 if args.runs is None else args.runs,
                                   warmup=1 if args.warmup is None else args.warmup, skip_slow=args.skip_slow,
-                                  memory=not args.no_memory, budget_s=args.budget)
+                                  memory=not args.no_memory, budget_s=args.budget, progress=args.progress)
             result = bench_scan(cfg)
             text = _format_scan
         else:
