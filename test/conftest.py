@@ -104,3 +104,15 @@ def segmenter_node(ros_context: Any, spinner: Any) -> Callable[..., Any]:
         return node
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: the CI machine's 2 cores are shared, and OpenMP spinning under
+    contention is slow. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

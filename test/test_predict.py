@@ -5,7 +5,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-import torch
 from test_train_fixtures import make_camvid, make_checkpoint
 
 from ecmnet_core.cli import main
@@ -13,13 +12,7 @@ from ecmnet_core.data import CAMVID
 from ecmnet_core.evaluate import segment_images
 from ecmnet_core.inference import InferenceConfig, Segmenter
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from ecmnet_core.train.config import load_config
 from ecmnet_core.train.losses import LabelRangeError, WeightedCrossEntropy
 from ecmnet_core.train.trainer import Trainer, TrainingError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the CI machine's 2 cores are shared, and OpenMP spinning under contention is slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
