@@ -579,11 +579,6 @@ def run_live_from_args(args: argparse.Namespace) -> int:
             raise SystemExit("replay: interrupted") from None
     except (BagError, ValueError, RuntimeError) as exc:
         raise SystemExit(f"replay: {exc}") from None
-    print(report.format_text())
-    if args.out:
-        paths = report.write(args.out, plots=not args.no_plots)
-        print(f"report: {', '.join(str(p) for p in paths)}")
-    if args.output_bag:
-        print(f"output bag: {report.bag['output_bag']} (node labels on {args.output_label_topic})")
+    report.publish(args.out, not args.no_plots, args.output_label_topic if args.output_bag else None, "node")
     return 0
 

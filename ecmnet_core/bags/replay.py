@@ -300,11 +300,6 @@ def run(args: argparse.Namespace) -> int:
                                     progress=True)
     except (BagError, ValueError) as exc:
         raise SystemExit(f"replay: {exc}") from None
-    print(report.format_text())
-    if args.out:
-        paths = report.write(args.out, plots=not args.no_plots)
-        print(f"report: {', '.join(str(p) for p in paths)}")
-    if args.output_bag:
-        print(f"output bag: {report.bag['output_bag']} (predicted labels on {args.output_label_topic})")
+    report.publish(args.out, not args.no_plots, args.output_label_topic if args.output_bag else None, "predicted")
     return 0
 

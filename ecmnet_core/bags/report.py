@@ -181,6 +181,16 @@ class ReplayReport:
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------------ files
+    def publish(self, out_dir: str | Path | None, plots: bool, output_label_topic: str | None,
+                labels_from: str) -> None:
+        """What the ``replay`` commands print at the end: the text report, then where files went."""
+        print(self.format_text())
+        if out_dir:
+            paths = self.write(out_dir, plots=plots)
+            print(f"report: {', '.join(str(p) for p in paths)}")
+        if output_label_topic is not None:
+            print(f"output bag: {self.bag['output_bag']} ({labels_from} labels on {output_label_topic})")
+
     def write(self, out_dir: str | Path, plots: bool = True) -> list[Path]:
         """Write ``report.json``, ``frames.csv`` and (``plots``) PNGs into ``out_dir``; returns the paths."""
         out = Path(out_dir)
