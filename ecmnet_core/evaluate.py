@@ -87,15 +87,8 @@ class SegmenterRunner:
         self.device = segmenter.device
         self.num_classes = int(segmenter.num_classes)
 
-    @torch.inference_mode()
     def logits(self, batch: Tensor) -> Tensor:
-        seg = self.segmenter
-        batch = batch.to(self.device, non_blocking=True)
-        if seg.config.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        if seg.config.fp16:
-            batch = batch.half()
-        return seg.model(batch).float()
+        return self.segmenter.engine.logits(batch)
 
 
 Runner = ModelRunner | SegmenterRunner
@@ -110,7 +103,7 @@ def as_runner(predictor: Any, mean: Sequence[float] | None = None, std: Sequence
         if mean is None or std is None:
             raise ValueError("evaluating a bare model needs the normalisation mean and std")
         return ModelRunner(predictor, Preprocess(mean, std, input_size, scale), amp=amp)
-    if hasattr(predictor, "preprocess") and hasattr(predictor, "model"):
+    if hasattr(predictor, "preprocess") and hasattr(predictor, "engine"):
         return SegmenterRunner(predictor)
     raise TypeError(f"cannot evaluate a {type(predictor).__name__}: pass a Segmenter or an nn.Module")
 

@@ -3,10 +3,15 @@
 The graph takes the model's own input, a normalised RGB tensor (1, 3, H, W) float32 (``(bgr - mean) / std``,
 channel-flipped, see ``ecmnet_core.data.transforms.normalize_image``), and returns logits (1, K, H, W).
 
-The selective scan has no ONNX operator: while exporting, ``selective_scan_fn`` falls back to the plain
-per-step recurrence, which the TorchScript exporter unrolls, so the node count grows with the scan length
-L = ceil(H/16) * ceil(W/16) (about 3,800 nodes at 64x96, L = 24). Export one file per resolution. The CUDA
-kernel and the compiled CPU kernel are never part of an exported graph.
+The selective scan has no ONNX operator: while exporting, ``selective_scan_fn`` writes it as element-wise terms
+for all L = ceil(H/16) * ceil(W/16) steps followed by one ONNX ``Loop`` over time
+(:func:`ecmnet_core.ops.selective_scan.selective_scan_export`), so the graph does not grow with L (about 7,300
+nodes at 360x480). The FFM's adaptive pooling is written as matrix products while exporting. Export one file per
+resolution. The CUDA kernels and the compiled CPU kernel are never part of an exported graph.
+
+Exported files carry the model config, class names, palette, mean/std and input size as ONNX metadata
+(:func:`checkpoint_metadata`), so ``Segmenter(InferenceConfig(checkpoint="model.onnx", backend="onnxruntime"))``
+and the node run them without the ``.pt`` file.
 
 The legacy TorchScript exporter (``dynamo=False``) is used: the torch.export-based one needs ``onnxscript``.
 """
@@ -26,7 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ecmnet_core.checkpoint import Checkpoint, CheckpointError
+
 DEFAULT_OPSET = 17
+#: Stored in every exported file; bump when the graph or metadata layout changes (invalidates cached exports).
+ONNX_FORMAT = "ecmnet-onnx/2"
 _INSTALL_HINT = "install the ONNX extras: pip install 'ecmnet_ros[onnx]' (onnx, onnxruntime)"
 
 
@@ -94,6 +103,66 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
                       file_bytes=path.stat().st_size, op_counts=op_counts)
 
 
+def checkpoint_metadata(ckpt: Checkpoint, input_size: tuple[int, int]) -> dict[str, str]:
+    """What an exported file carries so that it runs without the checkpoint: classes, colours, normalisation."""
+    return {
+        "format": ONNX_FORMAT,
+        "model_config": json.dumps(ckpt.model_config.to_dict()),
+        "class_names": json.dumps(list(ckpt.class_names)),
+        "palette_rgb": json.dumps([list(map(int, c)) for c in ckpt.palette]),
+        "mean_bgr": json.dumps([float(v) for v in ckpt.mean]),
+        "std_bgr": json.dumps([float(v) for v in ckpt.std]),
+        "ignore_index": str(int(ckpt.ignore_index)),
+        "input_size": json.dumps([int(v) for v in input_size]),
+        "dataset": ckpt.dataset,
+        "random_weights": "true" if ckpt.metadata.get("random_weights") else "false",
+        "input": "normalised RGB NCHW float32: (bgr - mean_bgr) / std_bgr, channels flipped to RGB",
+    }
+
+
+def export_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, input_size: tuple[int, int] | None = None,
+                      opset: int = DEFAULT_OPSET) -> ExportInfo:
+    """Export a checkpoint's model with its metadata; ``input_size`` None uses the checkpoint's (else 360x480)."""
+    size = _check_size(input_size or (tuple(ckpt.input_size) if ckpt.input_size else (360, 480)))
+    return export_onnx(ckpt.build_model(scan_backend="torch"), path, size, opset,
+                       metadata=checkpoint_metadata(ckpt, size))
+
+
+def read_onnx_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The metadata of an exported file as a :class:`Checkpoint` without weights (they live in the graph).
+
+    Raises CheckpointError naming the file when it is missing, not ONNX, or lacks the ecmnet metadata.
+    """
+    from ecmnet_core.model import ModelConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ONNX model {path} does not exist")
+    try:
+        import onnx
+    except ImportError as exc:
+        raise CheckpointError(f"reading {path} needs the onnx package; {_INSTALL_HINT}") from exc
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise CheckpointError(f"{path} is not a readable ONNX model: {exc}") from exc
+    meta = {p.key: p.value for p in proto.metadata_props}
+    needed = ("class_names", "palette_rgb", "mean_bgr", "std_bgr", "input_size", "model_config")
+    missing = [k for k in needed if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} lacks the ecmnet metadata {', '.join(missing)}: export it with "
+                              "'ecmnet-core export' (which stores class names, colours and normalisation)")
+    try:
+        config = ModelConfig.from_dict(json.loads(meta["model_config"]))
+        return Checkpoint(model_config=config, state_dict={}, class_names=json.loads(meta["class_names"]),
+                          palette=json.loads(meta["palette_rgb"]), mean=json.loads(meta["mean_bgr"]),
+                          std=json.loads(meta["std_bgr"]), ignore_index=int(meta.get("ignore_index", 255)),
+                          input_size=json.loads(meta["input_size"]), dataset=meta.get("dataset", ""),
+                          metadata={"onnx_file": str(path), "random_weights": meta.get("random_weights") == "true"})
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: malformed ecmnet metadata ({exc})") from exc
+
+
 def run_onnx(path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
     """Run an exported file with onnxruntime (CPU) on ``x`` (1, 3, H, W); returns the logits as a tensor."""
     try:
@@ -130,27 +199,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecmnet_core.checkpoint import CheckpointError, load_checkpoint
-    from ecmnet_core.model import build_model
+    from ecmnet_core.checkpoint import load_checkpoint
+    from ecmnet_core.inference import random_checkpoint
 
-    metadata: dict[str, str] = {}
     size = tuple(args.size) if args.size else None
     try:
         if args.model and not args.checkpoint:
-            model = build_model(args.model, args.classes)
-            metadata["random_weights"] = "true"
+            ckpt = random_checkpoint(args.model, args.classes)
         else:
             ckpt = load_checkpoint(args.checkpoint)
-            model = ckpt.build_model()
-            size = size or (tuple(ckpt.input_size) if ckpt.input_size else None)
-            metadata.update(class_names=json.dumps(ckpt.class_names), palette_rgb=json.dumps(ckpt.palette),
-                            mean_bgr=json.dumps(ckpt.mean), std_bgr=json.dumps(ckpt.std))
-        metadata["input"] = "normalised RGB NCHW float32: (bgr - mean_bgr) / std_bgr, channels flipped to RGB"
-        info = export_onnx(model, args.out, size or (360, 480), args.opset, metadata=metadata)
+        info = export_checkpoint(ckpt, args.out, size, args.opset)
     except (CheckpointError, ValueError) as exc:
         raise SystemExit(f"export: {exc}") from exc
+    model = ckpt.build_model(scan_backend="torch")
+    metadata = {"random_weights": "true"} if ckpt.metadata.get("random_weights") else {}
     print(f"wrote {info.path} ({info.file_bytes / 1e6:.1f} MB): input 1x3x{info.input_size[0]}x{info.input_size[1]}, "
-          f"opset {info.opset}, {info.nodes} nodes (scan unrolled over L = {info.scan_length})")
+          f"opset {info.opset}, {info.nodes} nodes (scan: one Loop over L = {info.scan_length} steps); carries class "
+          "names, palette, mean/std and input size")
     if args.verify:
         x = torch.randn(1, 3, *info.input_size, generator=torch.Generator().manual_seed(0))
         print(f"onnxruntime vs PyTorch: max |difference| of logits = {verify_onnx(info.path, model, x):.2e}")

@@ -17,6 +17,7 @@ import torch
 
 from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, file_sha256, load_checkpoint
 from ecmnet_core.data.transforms import normalize_image
+from ecmnet_core.engines import ENGINES, OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
 from ecmnet_core.evaluate import SegmenterRunner, predict_labels
 from ecmnet_core.model import build_model, model_config
 
@@ -39,12 +40,20 @@ class InferenceConfig:
     model: str | None = None
     num_classes: int = 11
     device: str = "auto"
-    fp16: bool = False
+    fp16: bool = False  # shorthand for dtype="fp16"
     channels_last: bool = True
     input_size: tuple[int, int] | None = None
     warmup: int = 1
     scan_backend: str | None = None
-    backend: str = "torch"
+    backend: str = "torch"  # torch | onnxruntime
+    dtype: str = "fp32"  # fp32 | fp16 | bf16 (CUDA autocast)
+    fold_bn: bool = True
+    compile: bool = False
+    cuda_graphs: bool = False
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else self.dtype
 
 
 @dataclass
@@ -85,16 +94,28 @@ def default_palette(num_classes: int) -> list[list[int]]:
     return colours
 
 
+def random_checkpoint(model: str, num_classes: int) -> Checkpoint:
+    """An untrained variant with default metadata (seeded, so timings and tests are repeatable)."""
+    cfg = model_config(model, num_classes)
+    torch.manual_seed(0)
+    return Checkpoint(model_config=cfg, state_dict=build_model(cfg).state_dict(),
+                      class_names=[f"class_{i}" for i in range(num_classes)], palette=default_palette(num_classes),
+                      mean=list(DEFAULT_MEAN), std=list(DEFAULT_STD), metadata={"random_weights": True})
+
+
 class Segmenter:
-    """Loads a model once and segments BGR images (HxWx3 uint8) or mono8 images (HxW uint8)."""
+    """Loads a model once and segments BGR images (HxWx3 uint8) or mono8 images (HxW uint8).
+
+    The network runs on an engine (:mod:`ecmnet_core.engines`): ``backend`` ``torch`` or ``onnxruntime``.
+    """
 
     def __init__(self, config: InferenceConfig | None = None) -> None:
         self.config = config = config or InferenceConfig()
-        if config.backend != "torch":
-            raise ValueError(f"inference backend {config.backend!r} is not available (choose 'torch')")
+        if config.backend not in ENGINES:
+            raise ValueError(f"inference backend {config.backend!r} is not available (choose {', '.join(ENGINES)})")
         self.device = resolve_device(config.device)
-        if config.fp16 and self.device.type != "cuda":
-            raise ValueError("fp16 inference needs a CUDA device")
+        if config.precision != "fp32" and self.device.type != "cuda":
+            raise ValueError(f"{config.precision} inference needs a CUDA device")
         self.checkpoint = self._load(config)
         ckpt = self.checkpoint
         self.class_names: list[str] = list(ckpt.class_names)
@@ -104,13 +125,10 @@ class Segmenter:
         self.model_name = ckpt.model_config.name
         self.input_size = self._network_size(config.input_size, ckpt.input_size)
 
-        model = ckpt.build_model(scan_backend=config.scan_backend).eval().to(self.device)
-        if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if config.fp16:
-            model = model.half()
-        self.model = model
-        self.scan_backend = model.scan_backend(self.device)
+        self.engine = self._engine(config, ckpt)
+        #: the PyTorch module (None with the onnxruntime backend)
+        self.model = getattr(self.engine, "model", None)
+        self.scan_backend = self.engine.scan_backend
         self._runner = SegmenterRunner(self)
         self._bgr_lut = np.zeros((256, 3), np.uint8)  # label -> BGR colour; 255 (and unknown ids) stay black
         self._bgr_lut[: self.num_classes] = self.palette[:, ::-1]
@@ -120,7 +138,35 @@ class Segmenter:
                 self.segment(dummy)
 
     # ------------------------------------------------------------------------------------------------ loading
+    def _engine(self, config: InferenceConfig, ckpt: Checkpoint) -> TorchEngine | OnnxRuntimeEngine:
+        if config.backend == "torch":
+            if "onnx_file" in ckpt.metadata:
+                raise ValueError(f"{ckpt.metadata['onnx_file']} is an ONNX model: run it with backend onnxruntime")
+            return TorchEngine(ckpt, self.device, TorchEngineOptions(
+                dtype=config.precision, channels_last=config.channels_last, fold_bn=config.fold_bn,
+                compile=config.compile, cuda_graphs=config.cuda_graphs, scan_backend=config.scan_backend))
+        if self.input_size is None:
+            raise ValueError("backend onnxruntime needs a fixed input_size (an ONNX export is made for one size), "
+                             "not the native image size")
+        if "onnx_file" in ckpt.metadata:
+            path = Path(ckpt.metadata["onnx_file"])
+            if ckpt.input_size and tuple(ckpt.input_size) != tuple(self.input_size):
+                raise ValueError(f"{path} was exported for {ckpt.input_size[0]}x{ckpt.input_size[1]} inputs, "
+                                 f"input_size asks for {self.input_size[0]}x{self.input_size[1]}: re-export it "
+                                 "with 'ecmnet-core export --size H W' or use the .pt checkpoint")
+        else:
+            path = onnx_model_for(ckpt, self.checkpoint_hash, self.input_size)
+        return OnnxRuntimeEngine(path, self.device, config.precision)
+
     def _load(self, config: InferenceConfig) -> Checkpoint:
+        if config.checkpoint and str(config.checkpoint).lower().endswith(".onnx"):
+            from ecmnet_core.export import read_onnx_checkpoint
+
+            self.random_weights = False
+            self.checkpoint_path = Path(config.checkpoint)
+            ckpt = read_onnx_checkpoint(config.checkpoint)
+            self.random_weights = bool(ckpt.metadata.get("random_weights"))
+            return ckpt
         if config.checkpoint:
             self.random_weights = False
             self.checkpoint_path: Path | None = Path(config.checkpoint)
@@ -130,12 +176,7 @@ class Segmenter:
             self.checkpoint_path = None
             warnings.warn(f"RANDOM WEIGHTS: no checkpoint given, model {config.model!r} is untrained and its "
                           "output is meaningless", stacklevel=3)
-            cfg = model_config(config.model, config.num_classes)
-            torch.manual_seed(0)  # the same random model every run, so timings and tests are repeatable
-            return Checkpoint(model_config=cfg, state_dict=build_model(cfg).state_dict(),
-                              class_names=[f"class_{i}" for i in range(config.num_classes)],
-                              palette=default_palette(config.num_classes), mean=list(DEFAULT_MEAN),
-                              std=list(DEFAULT_STD), metadata={"random_weights": True})
+            return random_checkpoint(config.model, config.num_classes)
         self.random_weights = False
         self.checkpoint_path = DEFAULT_CHECKPOINT
         return load_checkpoint(None)
@@ -154,9 +195,9 @@ class Segmenter:
 
     @property
     def checkpoint_hash(self) -> str:
-        """Short sha256 of the checkpoint file ("random" for random weights)."""
+        """Short sha256 of the checkpoint file ("random-<model>-<classes>" for random weights)."""
         if self.checkpoint_path is None:
-            return "random"
+            return f"random-{self.checkpoint.model_config.name}-{self.num_classes}"
         if not hasattr(self, "_hash"):
             self._hash = file_sha256(self.checkpoint_path)
         return self._hash
@@ -214,14 +255,23 @@ class Segmenter:
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else "random weights",
             "checkpoint_hash": self.checkpoint_hash,
             "device": str(self.device),
-            "dtype": "fp16" if self.config.fp16 else "fp32",
+            "dtype": self.config.precision,
             "scan_backend": str(self.scan_backend),
+            **self.engine.describe(),
             "input_size": "native" if self.input_size is None else f"{self.input_size[0]}x{self.input_size[1]}",
             "classes": str(self.num_classes),
         }
 
+    def park(self) -> None:
+        """Free GPU memory while idle (weights wait on the CPU); :meth:`unpark` before the next frame."""
+        self.engine.park()
+
+    def unpark(self) -> None:
+        self.engine.unpark()
+
     def release(self) -> None:
         """Free the model (and cached GPU memory); the Segmenter is unusable afterwards."""
         self.model = None  # type: ignore[assignment]
+        self.engine = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

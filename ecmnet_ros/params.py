@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ecmnet_core.engines import ENGINES
 from ecmnet_core.model import VARIANTS
 from ecmnet_core.ops.selective_scan import BACKENDS
 
@@ -53,7 +54,8 @@ class ParamSpec:
 PARAMS: tuple[ParamSpec, ...] = (
     # ---- model (configure)
     ParamSpec("checkpoint", STRING, "", CONFIGURE,
-              "ecmnet checkpoint file (.pt); empty = the packaged CamVid model"),
+              "ecmnet checkpoint file (.pt, or .onnx from ecmnet-core export with backend onnxruntime); empty = "
+              "the packaged CamVid model"),
     ParamSpec("model", STRING, "", CONFIGURE,
               "with an empty checkpoint: build this variant with RANDOM weights (tests and timing only)",
               choices=("", *VARIANTS)),
@@ -70,7 +72,15 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("warmup", INTEGER, 1, CONFIGURE, "warm-up forward passes on configure", range=(0, 100)),
     ParamSpec("scan_backend", STRING, "", CONFIGURE, "selective-scan backend; empty = automatic",
               choices=("", "auto", *BACKENDS)),
-    ParamSpec("backend", STRING, "torch", CONFIGURE, "inference backend", choices=("torch",)),
+    ParamSpec("backend", STRING, "torch", CONFIGURE,
+              "inference backend: torch, or onnxruntime (runs an .onnx checkpoint, or exports the .pt checkpoint at "
+              "input_size once and caches it)", choices=ENGINES),
+    ParamSpec("dtype", STRING, "fp32", CONFIGURE, "fp32, or fp16/bf16 autocast (CUDA only; fp16 also via fp16: true)",
+              choices=("fp32", "fp16", "bf16")),
+    ParamSpec("fold_bn", BOOL, True, CONFIGURE, "torch backend: fold batch norms into the convolutions"),
+    ParamSpec("compile", BOOL, False, CONFIGURE,
+              "torch backend: torch.compile the model (minutes of compilation on configure; cached by inductor)"),
+    ParamSpec("cuda_graphs", BOOL, False, CONFIGURE, "torch backend on CUDA: replay captured CUDA graphs"),
     # ---- topics (configure)
     ParamSpec("image_topics", STRING_ARRAY, None, CONFIGURE,
               "several cameras served by one model: input topics, each camera's outputs go to "

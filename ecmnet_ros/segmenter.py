@@ -153,7 +153,9 @@ class SegmenterNode(LifecycleNode):
         return InferenceConfig(checkpoint=get("checkpoint") or None, model=get("model") or None,
                                num_classes=get("num_classes"), device=get("device"), fp16=get("fp16"),
                                channels_last=get("channels_last"), input_size=tuple(size) if size else None,
-                               warmup=get("warmup"), scan_backend=get("scan_backend") or None, backend=get("backend"))
+                               warmup=get("warmup"), scan_backend=get("scan_backend") or None, backend=get("backend"),
+                               dtype=get("dtype"), fold_bn=get("fold_bn"), compile=get("compile"),
+                               cuda_graphs=get("cuda_graphs"))
 
     def _publish_class_names(self, names: list[str]) -> None:
         desc = ParameterDescriptor(name=CLASS_NAMES, type=Parameter.Type.STRING_ARRAY.value, read_only=True,
@@ -222,7 +224,7 @@ class SegmenterNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         if self.segmenter is None:  # cannot happen through the state machine; be explicit anyway
             return TransitionCallbackReturn.FAILURE
-        self.segmenter.model.to(self.segmenter.device)  # back from the CPU after a deactivate (no-op otherwise)
+        self.segmenter.unpark()  # back from the CPU after a deactivate (no-op otherwise)
         with_overrides = QoSOverridingOptions.with_default_policies()
         for stream in self.streams:
             plan = stream.topics
@@ -272,7 +274,7 @@ class SegmenterNode(LifecycleNode):
     def _park_model(self) -> None:
         """Free GPU memory while inactive: the weights wait on the CPU until the next activate."""
         if self.segmenter is not None and self.segmenter.device.type == "cuda":
-            self.segmenter.model.to("cpu")
+            self.segmenter.park()
             torch.cuda.empty_cache()
 
     def _release(self) -> None:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ecmnet_core.model.layers import ConvBNPReLU
+from ecmnet_core.model.layers import ConvBNPReLU, adaptive_avg_pool
 from ecmnet_core.model.ss2d import SS2D
 
 
@@ -52,7 +52,7 @@ class FFM(nn.Module):
 
     def forward(self, features: list[Tensor]) -> Tensor:
         size = features[-1].shape[-2:]
-        pooled = [f if f.shape[-2:] == size else F.adaptive_avg_pool2d(f, size) for f in features]
+        pooled = [f if f.shape[-2:] == size else adaptive_avg_pool(f, size) for f in features]
         x = self.fuse(torch.cat(pooled, dim=1)).permute(0, 2, 3, 1)
         x = self.ffn(self.vss(x))
         return self.proj(x.permute(0, 3, 1, 2).contiguous())

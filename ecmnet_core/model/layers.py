@@ -89,3 +89,25 @@ def resize_to(x: Tensor, ref: Tensor) -> Tensor:
     if x.shape[-2:] == ref.shape[-2:]:
         return x
     return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _pool_matrix(n_in: int, n_out: int, like: Tensor) -> Tensor:
+    """(n_out, n_in) averaging weights with adaptive pooling's bins [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out))."""
+    m = torch.zeros(n_out, n_in, dtype=like.dtype, device=like.device)
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """``F.adaptive_avg_pool2d``; while exporting to ONNX written as two matrix products, because the exporter only
+    handles output sizes that divide the input size (a 360x480 input pools 45x60 to 23x30).
+
+    (B, C, H, W) -> (B, C, h, w).
+    """
+    if not torch.onnx.is_in_onnx_export():
+        return F.adaptive_avg_pool2d(x, size)
+    h_in, w_in = int(x.shape[-2]), int(x.shape[-1])
+    rows, cols = _pool_matrix(h_in, int(size[0]), x), _pool_matrix(w_in, int(size[1]), x)
+    return torch.matmul(torch.matmul(rows, x), cols.t())

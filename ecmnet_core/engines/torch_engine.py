@@ -1,0 +1,112 @@
+"""The PyTorch inference engine: the eager model, made faster without changing what it computes.
+
+* batch-norm folded into the preceding convolutions (:func:`ecmnet_core.model.fuse.fold_batchnorm`);
+* channels-last memory format (the depthwise and 1x1 convolutions of EDAB run faster that way on CPU);
+* fp16/bf16 autocast on CUDA (the selective scan itself always runs in fp32);
+* optional ``torch.compile`` (inductor; minutes of compilation on a small CPU, cached on disk by inductor);
+* optional CUDA graphs: one captured graph per input shape, replayed with a static input buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ecmnet_core.checkpoint import Checkpoint
+from ecmnet_core.model.fuse import fold_batchnorm
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TorchEngineOptions:
+    """``dtype`` fp32 | fp16 | bf16 (the latter two CUDA only, as autocast); ``fold_bn`` folds batch norms."""
+
+    dtype: str = "fp32"
+    channels_last: bool = True
+    fold_bn: bool = True
+    compile: bool = False
+    cuda_graphs: bool = False
+    scan_backend: str | None = None
+
+
+class TorchEngine:
+    """Runs a checkpoint's model with PyTorch on ``device``."""
+
+    name = "torch"
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, options: TorchEngineOptions | None = None) -> None:
+        self.options = opts = options or TorchEngineOptions()
+        if opts.dtype not in DTYPES:
+            raise ValueError(f"dtype {opts.dtype!r} is not supported (choose {', '.join(DTYPES)})")
+        if opts.dtype != "fp32" and device.type != "cuda":
+            raise ValueError(f"dtype {opts.dtype} needs a CUDA device (autocast); on {device} use fp32")
+        if opts.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {device}")
+        self.device = device
+        model = ckpt.build_model(scan_backend=opts.scan_backend).eval()
+        if opts.fold_bn:
+            model = fold_batchnorm(model, inplace=True)
+        model = model.to(device)
+        if opts.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.scan_backend = model.scan_backend(device)
+        # dynamic=False: one specialised graph per input size, which is what a camera stream has
+        self._forward = torch.compile(model, dynamic=False) if opts.compile else model
+        self._amp_dtype = DTYPES[opts.dtype]
+        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+
+    @property
+    def dtype(self) -> str:
+        return self.options.dtype
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype != torch.float32)
+
+    @torch.inference_mode()
+    def logits(self, batch: Tensor) -> Tensor:
+        """(B, 3, h, w) normalised float32 -> (B, K, h, w) float32 logits on the engine's device."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.options.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.options.cuda_graphs:
+            return self._replay(batch)
+        with self._autocast():
+            return self._forward(batch).float()
+
+    def _replay(self, batch: Tensor) -> Tensor:
+        key = tuple(batch.shape)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_in = batch.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), self._autocast():  # warm up (kernel choice, allocations) off the graph
+                for _ in range(2):
+                    self._forward(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), self._autocast():
+                static_out = self._forward(static_in).float()
+            entry = self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = entry
+        static_in.copy_(batch)
+        graph.replay()
+        return static_out.clone()  # the static buffer is overwritten by the next replay
+
+    def park(self) -> None:
+        """Move the weights to the CPU (frees GPU memory while a node is inactive); captured graphs are dropped."""
+        self._graphs.clear()
+        self.model.to("cpu")
+
+    def unpark(self) -> None:
+        self.model.to(self.device)
+
+    def describe(self) -> dict[str, str]:
+        o = self.options
+        flags = [name for name, on in (("bn-folded", o.fold_bn), ("channels-last", o.channels_last),
+                                       ("compiled", o.compile), ("cuda-graphs", o.cuda_graphs)) if on]
+        return {"backend": "torch", "optimisations": ", ".join(flags) or "none"}
