@@ -1,0 +1,174 @@
+"""Inference engines and their model rewrites: batch-norm folding, the ONNX export path (Loop scan, matrix
+adaptive pooling, metadata) and the ``onnxruntime`` backend of the Segmenter, which must give the torch backend's
+labels. Sizes are small (72x104 has non-dividing pooling sizes: 18x26 -> 5x7) so that the file runs in seconds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
+from ecmnet_core.inference import InferenceConfig, Segmenter, random_checkpoint
+from ecmnet_core.model import build_model
+from ecmnet_core.model.fuse import fold_batchnorm
+from ecmnet_core.model.layers import adaptive_avg_pool
+from ecmnet_core.ops.selective_scan import selective_scan_export, selective_scan_ref
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")]
+
+SIZE = (72, 104)
+
+
+def _calibrated(model: nn.Module, size=SIZE) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, as after training."""
+    gen = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.2, 0.2, generator=gen)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, *size, generator=gen))
+    return model.eval()
+
+
+def _street_image(h: int = 180, w: int = 240) -> np.ndarray:
+    """A BGR street-like test image: sky, buildings, road, with some texture."""
+    rng = np.random.default_rng(0)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[: h // 3] = (200, 160, 120)
+    img[h // 3: 2 * h // 3] = (90, 90, 110)
+    img[2 * h // 3:] = (100, 100, 100)
+    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_fold_batchnorm_keeps_outputs_and_leaves_the_original() -> None:
+    """Folding removes the BatchNorms that follow a convolution (most of them), the folded copy computes the same
+    logits (checked in float64, where only rounding differs), and the caller's model keeps its BatchNorms."""
+    model = _calibrated(build_model("ecmnet", 5, scan_backend="reference")).double()
+    before = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    folded = fold_batchnorm(model)
+    after = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert folded.folded_batchnorms == before - after and after < before / 2
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == before
+    x = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    assert torch.allclose(out, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+
+
+def test_matrix_adaptive_pooling_equals_torch(monkeypatch) -> None:
+    """The export form of adaptive pooling (two matrix products) has torch's bins, also for sizes that do not divide."""
+    x = torch.randn(2, 3, 18, 26)
+    expected = torch.nn.functional.adaptive_avg_pool2d(x, (5, 7))
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)  # take the export branch
+    assert torch.allclose(adaptive_avg_pool(x, (5, 7)), expected, atol=1e-6)
+
+
+def test_export_scan_matches_reference() -> None:
+    """The exported scan formulation (all steps' terms at once, then a loop) equals the sequential recurrence."""
+    gen = torch.Generator().manual_seed(2)
+    b, groups, per, n, length = 2, 4, 3, 5, 37
+    dim = groups * per
+    u, delta, z = (torch.randn(b, dim, length, generator=gen) for _ in range(3))
+    A = -torch.rand(dim, n, generator=gen) * 4
+    B, C = (torch.randn(b, groups, n, length, generator=gen) for _ in range(2))
+    D, bias = torch.randn(dim, generator=gen), torch.randn(dim, generator=gen)
+    ref = selective_scan_ref(u, delta, A, B, C, D, z, bias, True)
+    out = selective_scan_export(u, delta, A, B, C, D, z, bias, True)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+onnx = pytest.importorskip("onnx", reason="onnx is not installed")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ECMNET_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "onnx"
+
+
+def _need_checkpoint() -> None:
+    if not DEFAULT_CHECKPOINT.is_file():
+        pytest.skip(f"packaged checkpoint {DEFAULT_CHECKPOINT} is not there")
+
+
+def test_onnxruntime_backend_gives_the_torch_labels(cache) -> None:
+    """backend onnxruntime exports the packaged checkpoint once at the network size (cached, one Loop node, same
+    metadata) and labels a street image like the torch backend (>= 99.9 % identical pixels)."""
+    _need_checkpoint()
+    common = dict(device="cpu", input_size=SIZE, warmup=0)
+    torch_seg = Segmenter(InferenceConfig(**common))
+    ort_seg = Segmenter(InferenceConfig(backend="onnxruntime", **common))
+    files = list(cache.glob("*.onnx"))
+    assert len(files) == 1 and "72x104" in files[0].name
+    proto = onnx.load(str(files[0]))
+    assert sum(node.op_type == "Loop" for node in proto.graph.node) == 1
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["class_names"]) == torch_seg.class_names
+    assert json.loads(meta["mean_bgr"]) == pytest.approx(list(torch_seg.mean))
+    assert json.loads(meta["input_size"]) == list(SIZE)
+    image = _street_image()
+    a, b = torch_seg.segment(image), ort_seg.segment(image)
+    assert a.labels.shape == b.labels.shape == image.shape[:2]
+    assert (a.labels == b.labels).mean() >= 0.999
+    assert ort_seg.describe()["backend"] == "onnxruntime"
+    Segmenter(InferenceConfig(backend="onnxruntime", **common))  # second one reuses the cached export
+    assert len(list(cache.glob("*.onnx"))) == 1
+
+
+def test_exported_file_runs_without_the_checkpoint(tmp_path, cache) -> None:
+    """An ``ecmnet-core export`` file is a complete model: classes, palette, normalisation and size come from it."""
+    from ecmnet_core.export import export_checkpoint, read_onnx_checkpoint
+
+    ckpt = random_checkpoint("ecmnet", 4)
+    ckpt.class_names = ["road", "sky", "car", "tree"]
+    path = tmp_path / "model.onnx"
+    export_checkpoint(ckpt, path, SIZE)
+    meta = read_onnx_checkpoint(path)
+    assert meta.class_names == ckpt.class_names and meta.input_size == list(SIZE) and meta.state_dict == {}
+    seg = Segmenter(InferenceConfig(checkpoint=str(path), backend="onnxruntime", device="cpu", warmup=0))
+    assert seg.class_names == ckpt.class_names and seg.input_size == SIZE and seg.random_weights
+    result = seg.segment(_street_image(50, 60))
+    assert result.labels.shape == (50, 60) and result.labels.max() < 4
+    with pytest.raises(ValueError, match="run it with backend onnxruntime"):
+        Segmenter(InferenceConfig(checkpoint=str(path), device="cpu", warmup=0))
+    with pytest.raises(ValueError, match="exported for 72x104"):
+        Segmenter(InferenceConfig(checkpoint=str(path), backend="onnxruntime", input_size=(96, 128), warmup=0))
+
+
+def test_backend_errors_name_the_problem(tmp_path, cache) -> None:
+    """Unknown backend, native size with onnxruntime, half precision on CPU, an ONNX file without our metadata."""
+    with pytest.raises(ValueError, match="inference backend 'tensorflow'"):
+        Segmenter(InferenceConfig(model="baseline", backend="tensorflow", device="cpu"))
+    with pytest.raises(ValueError, match="fixed input_size"):
+        Segmenter(InferenceConfig(model="baseline", backend="onnxruntime", device="cpu", input_size=(0, 0)))
+    with pytest.raises(ValueError, match="bf16 inference needs a CUDA device"):
+        Segmenter(InferenceConfig(model="baseline", dtype="bf16", device="cpu"))
+    bare = tmp_path / "bare.onnx"
+    torch.onnx.export(nn.Conv2d(3, 2, 1), (torch.zeros(1, 3, 8, 8),), str(bare), dynamo=False)
+    with pytest.raises(CheckpointError, match="bare.onnx lacks the ecmnet metadata"):
+        Segmenter(InferenceConfig(checkpoint=str(bare), backend="onnxruntime", device="cpu"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Segmenter(InferenceConfig(checkpoint=str(tmp_path / "missing.onnx"), backend="onnxruntime"))
+
+
+def test_torch_engine_options_keep_labels() -> None:
+    """The torch engine's rewrites (BN folding, channels-last) do not change the labels of the trained model."""
+    _need_checkpoint()
+    image = _street_image()
+    plain = Segmenter(InferenceConfig(device="cpu", input_size=SIZE, warmup=0, fold_bn=False, channels_last=False))
+    fast = Segmenter(InferenceConfig(device="cpu", input_size=SIZE, warmup=0))
+    assert "bn-folded" in fast.describe()["optimisations"]
+    assert (plain.segment(image).labels == fast.segment(image).labels).mean() >= 0.999
+    ckpt = load_checkpoint()
+    assert plain.num_classes == ckpt.num_classes
