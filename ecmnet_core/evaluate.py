@@ -255,6 +255,8 @@ def format_summary(summary: dict[str, Any], class_names: Sequence[str]) -> str:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ecmnet_core.inference import add_segmenter_arguments
+
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file (default: the packaged ecmnet_core/weights/ecmnet_camvid.pt)")
     parser.add_argument("--data", required=True, help="dataset root (or shard folder / index JSON)")
@@ -263,13 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset layout (default: detected from the root)")
     parser.add_argument("--list", dest="list_file", default=None, help="'image [label]' list file for the split")
     parser.add_argument("--classes-yaml", default=None, help="classes.yaml of a folder dataset")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                      help="network input size (default: the checkpoint's input_size)")
-    size.add_argument("--native", action="store_true", help="run at each image's native resolution")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--fp16", action="store_true", help="half-precision inference (CUDA only)")
-    parser.add_argument("--scan-backend", default=None, help="selective-scan backend (mamba, torch, reference)")
+    add_segmenter_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (same-size images)")
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2)")
     parser.add_argument("--json", dest="json_out", default=None, help="write the summary as JSON to this file")
@@ -282,17 +278,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ecmnet_core.checkpoint import CheckpointError
     from ecmnet_core.data import DataError, build_dataset
-    from ecmnet_core.inference import InferenceConfig, Segmenter
+    from ecmnet_core.inference import Segmenter, inference_config_from_args
 
     if args.batch_size < 1 or args.workers < 0:
         print("eval: --batch-size must be >= 1 and --workers >= 0", file=sys.stderr)
         return 2
-    input_size = (0, 0) if args.native else (tuple(args.input_size) if args.input_size else None)
     try:
         info, samples = build_dataset(args.kind, args.data, args.split, list_file=args.list_file,
                                       classes_yaml=args.classes_yaml)
-        segmenter = Segmenter(InferenceConfig(checkpoint=args.checkpoint, device=args.device, fp16=args.fp16,
-                                              input_size=input_size, warmup=0, scan_backend=args.scan_backend))
+        segmenter = Segmenter(inference_config_from_args(args))
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"eval: {exc}", file=sys.stderr)
         return 2
@@ -305,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
               f"dataset ({', '.join(info.class_names)})", file=sys.stderr)
     desc = segmenter.describe()
     print(f"checkpoint {desc['checkpoint']} ({desc['checkpoint_hash']}), model {desc['model']}, "
-          f"input {desc['input_size']}, device {desc['device']}, scan {desc['scan_backend']}")
+          f"input {desc['input_size']}, device {desc['device']}, backend {desc['backend']}, "
+          f"scan {desc['scan_backend']}")
     print(f"dataset {info.name} split {args.split!r} at {args.data}: {len(samples)} images")
     summary = evaluate_samples(segmenter, samples, info, batch_size=args.batch_size, workers=args.workers,
                                progress=not args.no_progress, save_color=args.save_color,

@@ -6,6 +6,7 @@ Post-processing: logits upsampled bilinearly to the input size, argmax, colour m
 
 from __future__ import annotations
 
+import argparse
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -275,3 +276,43 @@ class Segmenter:
         self.engine = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command-line options shared by eval, predict and replay
+
+
+def add_segmenter_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, native: bool = True) -> None:
+    """How to run the model: size, device, backend, precision, rewrites (``--checkpoint`` stays per command)."""
+    if native:
+        size = parser.add_mutually_exclusive_group()
+        size.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                          help="network input size (default: the checkpoint's input_size)")
+        size.add_argument("--native", action="store_true", help="run at each image's native resolution")
+    else:
+        parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                            help="network input size (default: the checkpoint's; 0 0 = native)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--backend", default="torch", choices=ENGINES,
+                        help="inference backend (default torch; onnxruntime runs an .onnx checkpoint or exports the "
+                             ".pt one once at the input size)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                        help="fp32, or fp16/bf16 autocast (CUDA only)")
+    parser.add_argument("--fp16", action="store_true", help="same as --dtype fp16")
+    parser.add_argument("--scan-backend", default=None,
+                        help="selective-scan backend (mamba, triton, cpp, torch, reference; default automatic)")
+    parser.add_argument("--no-fold-bn", action="store_true", help="torch backend: keep the batch norms separate")
+    parser.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model first")
+
+
+def inference_config_from_args(args: argparse.Namespace, **overrides) -> InferenceConfig:
+    """The :class:`InferenceConfig` of :func:`add_segmenter_arguments`' options (plus ``overrides``)."""
+    if getattr(args, "native", False):
+        input_size: tuple[int, int] | None = (0, 0)
+    else:
+        input_size = tuple(args.input_size) if args.input_size else None
+    values = dict(checkpoint=getattr(args, "checkpoint", None), device=args.device, fp16=args.fp16,
+                  dtype=args.dtype, input_size=input_size, warmup=0, scan_backend=args.scan_backend,
+                  backend=args.backend, fold_bn=not args.no_fold_bn, compile=args.compile)
+    values.update(overrides)
+    return InferenceConfig(**values)

@@ -106,26 +106,22 @@ def _write(path: Path, image: np.ndarray) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ecmnet_core.inference import add_segmenter_arguments
+
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or video files")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file (default: the packaged ecmnet_core/weights/ecmnet_camvid.pt)")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                      help="network input size (default: the checkpoint's input_size)")
-    size.add_argument("--native", action="store_true", help="run at each image's native resolution")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--fp16", action="store_true", help="half-precision inference (CUDA only)")
+    add_segmenter_arguments(parser)
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask (0..1)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per forward pass (default: 8 on CUDA, 1 on the CPU)")
-    parser.add_argument("--scan-backend", default=None, help="selective-scan backend (mamba, torch, reference)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ecmnet_core.checkpoint import CheckpointError
     from ecmnet_core.evaluate import segment_images
-    from ecmnet_core.inference import InferenceConfig, Segmenter
+    from ecmnet_core.inference import Segmenter, inference_config_from_args
 
     if not 0.0 <= args.alpha <= 1.0:
         print(f"predict: --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
@@ -133,11 +129,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         print(f"predict: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    input_size = (0, 0) if args.native else (tuple(args.input_size) if args.input_size else None)
     try:
         inputs = expand_inputs(args.inputs)
-        segmenter = Segmenter(InferenceConfig(checkpoint=args.checkpoint, device=args.device, fp16=args.fp16,
-                                              input_size=input_size, warmup=0, scan_backend=args.scan_backend))
+        segmenter = Segmenter(inference_config_from_args(args))
     except (InputError, CheckpointError, ValueError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 2

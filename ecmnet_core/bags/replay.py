@@ -213,6 +213,8 @@ def _progress(total: int, enabled: bool) -> Any:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ecmnet_core.inference import add_segmenter_arguments
+
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--offline", metavar="BAG", help="evaluate offline: run the segmenter on every frame")
     mode.add_argument("--live", metavar="BAG", help="publish the bag into a running segmenter node and measure it")
@@ -226,10 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", default=None, help="checkpoint file (default: the packaged CamVid model)")
     g.add_argument("--model", default=None, help="random-weight model variant instead of a checkpoint (timing)")
     g.add_argument("--num-classes", type=int, default=None, help="classes of --model (default: from the bag)")
-    g.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="network input size (default: the checkpoint's; 0 0 = native)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--scan-backend", default=None, help="selective-scan backend (mamba, torch, reference)")
+    add_segmenter_arguments(g, native=False)
     g = parser.add_argument_group("output")
     g.add_argument("--out", metavar="REPORT_DIR", default=None, help="write report.json, frames.csv and plots here")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -260,12 +259,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_segmenter(args: argparse.Namespace, bag_classes: int | None = None) -> Segmenter:
     from ecmnet_core.checkpoint import CheckpointError
-    from ecmnet_core.inference import InferenceConfig, Segmenter
+    from ecmnet_core.inference import Segmenter, inference_config_from_args
 
     num_classes = args.num_classes or bag_classes or 11
-    config = InferenceConfig(checkpoint=args.checkpoint, model=args.model, num_classes=num_classes,
-                             device=args.device, scan_backend=args.scan_backend,
-                             input_size=tuple(args.input_size) if args.input_size else None)
+    config = inference_config_from_args(args, model=args.model, num_classes=num_classes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the random-weights warning is logged below instead
