@@ -158,3 +158,23 @@ def test_several_cameras_raw_and_compressed_one_model(segmenter_node, probe, ima
     assert [stamp_ns(m.header) for m in outs["front"].messages] == [100]
     np.testing.assert_array_equal(labels_array(outs["front"].messages[0]), expected)
     assert all(m.header.frame_id == "side" for m in outs["side"].messages)
+
+
+def test_onnxruntime_backend_serves_the_same_labels(segmenter_node, probe, image_msg, tmp_path, monkeypatch):
+    """``backend: onnxruntime`` (the checkpoint exported once at input_size, cached) publishes labels equal to
+    those of the torch backend on >= 99.9 % of pixels, and diagnostics/logs name the backend."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    monkeypatch.setenv("ECMNET_CACHE_DIR", str(tmp_path))
+    node = segmenter_node(backend="onnxruntime", model="", input_size=[H, W])
+    assert node.segmenter.describe()["backend"] == "onnxruntime"
+    assert list(tmp_path.glob("onnx/*.onnx")), "no cached export"
+    labels = TopicCollector(probe, Image, "/segmenter/labels")
+    pub = probe.create_publisher(Image, "/image", 10)
+    assert wait_for(lambda: connected(pub, node.streams[0].subscriptions[0], labels.subscription), TIMEOUT)
+    from ecmnet_core.inference import InferenceConfig, Segmenter
+
+    reference = Segmenter(InferenceConfig(device="cpu", input_size=(H, W), warmup=0))
+    bgr = street(3)
+    out = send(pub, image_msg(bgr, "bgr8", 5_000_000_007), labels, 5_000_000_007)
+    assert (labels_array(out) == reference.segment(bgr).labels).mean() >= 0.999
