@@ -4,7 +4,7 @@ The graph takes the model's own input, a normalised RGB tensor (1, 3, H, W) floa
 channel-flipped, see ``ecmnet_core.data.transforms.normalize_image``), and returns logits (1, K, H, W).
 
 The selective scan has no ONNX operator: while exporting, ``selective_scan_fn`` writes it as element-wise terms
-for all L = ceil(H/16) * ceil(W/16) steps followed by one ONNX ``Loop`` over time
+for all L = ceil(H/16) * ceil(W/16) steps followed by one ONNX ``Scan`` over time
 (:func:`ecmnet_core.ops.selective_scan.selective_scan_export`), so the graph does not grow with L (about 7,300
 nodes at 360x480). The FFM's adaptive pooling is written as matrix products while exporting. Export one file per
 resolution. The CUDA kernels and the compiled CPU kernel are never part of an exported graph.
@@ -32,10 +32,11 @@ import torch
 from torch import nn
 
 from ecmnet_core.checkpoint import Checkpoint, CheckpointError
+from ecmnet_core.ops.selective_scan import RECURRENCE_OP
 
 DEFAULT_OPSET = 17
 #: Stored in every exported file; bump when the graph or metadata layout changes (invalidates cached exports).
-ONNX_FORMAT = "ecmnet-onnx/2"
+ONNX_FORMAT = "ecmnet-onnx/3"
 _INSTALL_HINT = "install the ONNX extras: pip install 'ecmnet_ros[onnx]' (onnx, onnxruntime)"
 
 
@@ -62,17 +63,62 @@ def _check_size(input_size: tuple[int, int] | list[int]) -> tuple[int, int]:
     return h, w
 
 
+def lower_recurrence(proto) -> int:
+    """Rewrite every ``ecmnet::Recurrence`` placeholder of ``proto`` (in place) into a standard ONNX ``Scan``.
+
+    The placeholder takes (h0, dA, dBu, C) with dA, dBu (L, B, G, Dg, N) and C (L, B, G, N, 1) and returns
+    y (L, B, G, Dg, 1); the Scan carries h through time with the body h = dA_t * h + dBu_t, y_t = h @ C_t.
+    Returns the number of nodes rewritten.
+    """
+    from onnx import helper
+
+    domain, op_type = RECURRENCE_OP
+    rewritten = 0
+    for index, node in enumerate(list(proto.graph.node)):
+        if node.domain != domain or node.op_type != op_type:
+            continue
+        tag = f"recurrence{rewritten}"
+        names = {k: f"{tag}_{k}" for k in ("h_in", "dA_t", "dBu_t", "C_t", "decayed", "h_out", "y_t")}
+        body = helper.make_graph(
+            [helper.make_node("Mul", [names["dA_t"], names["h_in"]], [names["decayed"]]),
+             helper.make_node("Add", [names["decayed"], names["dBu_t"]], [names["h_out"]]),
+             helper.make_node("MatMul", [names["h_out"], names["C_t"]], [names["y_t"]])],
+            f"{tag}_body",
+            [helper.make_tensor_value_info(names[k], onnx_float(), None) for k in ("h_in", "dA_t", "dBu_t", "C_t")],
+            [helper.make_tensor_value_info(names[k], onnx_float(), None) for k in ("h_out", "y_t")])
+        scan = helper.make_node("Scan", list(node.input), [f"{tag}_h_last", node.output[0]], name=f"{tag}_scan",
+                                num_scan_inputs=3, body=body)
+        proto.graph.node.remove(node)
+        proto.graph.node.insert(index, scan)
+        rewritten += 1
+    if rewritten:
+        keep = [o for o in proto.opset_import if o.domain != domain]
+        del proto.opset_import[:]
+        proto.opset_import.extend(keep)
+    return rewritten
+
+
+def onnx_float() -> int:
+    from onnx import TensorProto
+
+    return TensorProto.FLOAT
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
                 *, input_name: str = "image", output_name: str = "logits",
                 metadata: dict[str, str] | None = None) -> ExportInfo:
     """Export ``model`` (eval mode, on CPU, batch 1) for ``input_size`` = (H, W) to ``path``.
 
     The caller's model is not modified (a CPU copy is exported). ``metadata`` is stored as the ONNX model's
-    ``metadata_props`` (e.g. class names, mean/std) when onnx is installed.
+    ``metadata_props`` (e.g. class names, mean/std). Needs the onnx package (the scan is rewritten into a Scan).
     """
     h, w = _check_size(input_size)
     if opset < 13:
         raise ValueError(f"opset {opset} is too old: the graph needs opset >= 13")
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ValueError(f"exporting needs the onnx package; {_INSTALL_HINT}") from exc
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = copy.deepcopy(model).to("cpu").eval()
@@ -81,26 +127,19 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         # TracerWarnings about shape comparisons (resize_to, FFM pooling): sizes are fixed per export
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=opset, input_names=[input_name],
-                          output_names=[output_name], do_constant_folding=True)
-    op_counts: dict[str, int] = {}
-    nodes = -1
-    try:
-        import onnx
-    except ImportError:
-        onnx = None
-    if onnx is not None:
-        proto = onnx.load(str(path))
-        counts = Counter(node.op_type for node in proto.graph.node)
-        nodes = sum(counts.values())
-        op_counts = dict(counts.most_common())
-        if metadata:
-            for key, value in metadata.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = str(key), str(value)
-            onnx.save(proto, str(path))
+                          output_names=[output_name], do_constant_folding=True,
+                          custom_opsets={RECURRENCE_OP[0]: 1})
+    proto = onnx.load(str(path))
+    lower_recurrence(proto)
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    counts = Counter(node.op_type for node in proto.graph.node)
     return ExportInfo(path=path, input_size=(h, w), opset=opset,
-                      scan_length=math.ceil(h / 16) * math.ceil(w / 16), nodes=nodes,
-                      file_bytes=path.stat().st_size, op_counts=op_counts)
+                      scan_length=math.ceil(h / 16) * math.ceil(w / 16), nodes=sum(counts.values()),
+                      file_bytes=path.stat().st_size, op_counts=dict(counts.most_common()))
 
 
 def checkpoint_metadata(ckpt: Checkpoint, input_size: tuple[int, int]) -> dict[str, str]:
@@ -214,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     model = ckpt.build_model(scan_backend="torch")
     metadata = {"random_weights": "true"} if ckpt.metadata.get("random_weights") else {}
     print(f"wrote {info.path} ({info.file_bytes / 1e6:.1f} MB): input 1x3x{info.input_size[0]}x{info.input_size[1]}, "
-          f"opset {info.opset}, {info.nodes} nodes (scan: one Loop over L = {info.scan_length} steps); carries class "
+          f"opset {info.opset}, {info.nodes} nodes (scan: one Scan over L = {info.scan_length} steps); carries class "
           "names, palette, mean/std and input size")
     if args.verify:
         x = torch.randn(1, 3, *info.input_size, generator=torch.Generator().manual_seed(0))

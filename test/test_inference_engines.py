@@ -1,4 +1,4 @@
-"""Inference engines and their model rewrites: batch-norm folding, the ONNX export path (Loop scan, matrix
+"""Inference engines and their model rewrites: batch-norm folding, the ONNX export path (Scan-based recurrence, matrix
 adaptive pooling, metadata) and the ``onnxruntime`` backend of the Segmenter, which must give the torch backend's
 labels. Sizes are small (72x104 has non-dividing pooling sizes: 18x26 -> 5x7) so that the file runs in seconds."""
 
@@ -103,8 +103,8 @@ def _need_checkpoint() -> None:
 
 
 def test_onnxruntime_backend_gives_the_torch_labels(cache) -> None:
-    """backend onnxruntime exports the packaged checkpoint once at the network size (cached, one Loop node, same
-    metadata) and labels a street image like the torch backend (>= 99.9 % identical pixels)."""
+    """backend onnxruntime exports the packaged checkpoint once at the network size (cached, same
+    metadata, one Scan node) and labels a street image like the torch backend (>= 99.9 % identical pixels)."""
     _need_checkpoint()
     common = dict(device="cpu", input_size=SIZE, warmup=0)
     torch_seg = Segmenter(InferenceConfig(**common))
@@ -112,7 +112,7 @@ def test_onnxruntime_backend_gives_the_torch_labels(cache) -> None:
     files = list(cache.glob("*.onnx"))
     assert len(files) == 1 and "72x104" in files[0].name
     proto = onnx.load(str(files[0]))
-    assert sum(node.op_type == "Loop" for node in proto.graph.node) == 1
+    assert sum(node.op_type == "Scan" for node in proto.graph.node) == 1
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["class_names"]) == torch_seg.class_names
     assert json.loads(meta["mean_bgr"]) == pytest.approx(list(torch_seg.mean))

@@ -1,5 +1,5 @@
 """ONNX export (``ecmnet_core.export``): each building block and the whole model export, and onnxruntime
-reproduces PyTorch's outputs on CPU at a small size (64x96; the selective scan is one ONNX Loop over time).
+reproduces PyTorch's outputs on CPU at a small size (64x96; the selective scan is one ONNX Scan over time).
 
 With the packaged (trained) checkpoint the logits agree within 1e-3 absolute (measured ~1.3e-5). A random-init
 ECMNet in eval mode is numerically chaotic (BatchNorm at identity statistics lets activations grow to ~1e8 in the
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from ecmnet_core.export import export_onnx, run_onnx, verify_onnx
+from ecmnet_core.export import export_onnx, lower_recurrence, run_onnx, verify_onnx
 from ecmnet_core.model import DDA, EDAB, MSAU, SS2D, build_model
 from ecmnet_core.model.ffm import FFM
 from ecmnet_core.model.layers import DownSamplingBlock, UpsamplingBlock
@@ -63,14 +63,22 @@ class _Block(nn.Module):
         return self.block(x)
 
 
+def _export_module(model: nn.Module, args: tuple, path) -> None:
+    """torch.onnx.export plus what export_onnx adds: the scan placeholder becomes a standard ONNX Scan."""
+    with torch.no_grad():
+        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, custom_opsets={"ecmnet": 1})
+    proto = onnx.load(str(path))
+    lower_recurrence(proto)
+    onnx.save(proto, str(path))
+
+
 def _export_block(block: nn.Module, shape: tuple[int, ...], path, channels_last: bool = False):
     import onnxruntime as ort
 
     torch.manual_seed(0)
     model = _Block(block, channels_last).eval()
     x = torch.randn(*shape)
-    with torch.no_grad():
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
+    _export_module(model, (x,), path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
@@ -99,12 +107,13 @@ def test_blocks_export_exactly(make, shape, channels_last, tmp_path) -> None:
 
 
 def test_ffm_exports_exactly(tmp_path) -> None:
-    """FFM with its four inputs of different sizes (adaptive pooling to the 1/16 map) and the Loop scan."""
+    """FFM with its four inputs of different sizes (adaptive pooling to the 1/16 map) and the Scan-based scan."""
     import onnxruntime as ort
 
     torch.manual_seed(0)
     ffm = FFM(16 + 24 + 8 + 8, 32, 8, d_state=4).eval()
-    feats = [torch.randn(1, 16, 16, 24), torch.randn(1, 24, 8, 12), torch.randn(1, 8, 4, 6), torch.randn(1, 8, 4, 6)]
+    # 18x26 and 9x13 pool to 5x7: sizes that do not divide (the export writes the pooling as matrix products)
+    feats = [torch.randn(1, 16, 18, 26), torch.randn(1, 24, 9, 13), torch.randn(1, 8, 5, 7), torch.randn(1, 8, 5, 7)]
 
     class Wrap(nn.Module):
         def __init__(self) -> None:
@@ -115,8 +124,8 @@ def test_ffm_exports_exactly(tmp_path) -> None:
             return self.ffm([a, b, c, d])
 
     path = tmp_path / "ffm.onnx"
+    _export_module(Wrap().eval(), tuple(feats), path)
     with torch.no_grad():
-        torch.onnx.export(Wrap().eval(), tuple(feats), str(path), dynamo=False, opset_version=17)
         expected = ffm(feats)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {i.name: f.numpy() for i, f in zip(session.get_inputs(), feats)})[0]
@@ -162,13 +171,13 @@ def test_packaged_checkpoint_matches_within_1e3(tmp_path) -> None:
 
 
 def test_export_info_and_graph(exported) -> None:
-    """The scan is one Loop node (its body holds the recurrence), and the graph has no custom/unsupported ops."""
+    """The scan is one Scan node (its body holds the recurrence), and the graph has no custom/unsupported ops."""
     _, info, _ = exported
     proto = onnx.load(str(info.path))
     onnx.checker.check_model(proto)
     assert info.scan_length == 4 * 6 and info.opset == 17
     assert info.nodes == len(proto.graph.node)
-    assert info.op_counts.get("Loop") == 1
+    assert info.op_counts.get("Scan") == 1 and "Loop" not in info.op_counts
     assert {"Conv", "ConvTranspose", "MatMul", "Exp", "Softplus"} <= set(info.op_counts)
     assert all(node.domain in ("", "ai.onnx") for node in proto.graph.node)
     assert {p.key: p.value for p in proto.metadata_props}["class_names"] == '["a", "b"]'

@@ -71,7 +71,7 @@ class OnnxRuntimeEngine:
     """Runs an exported ECMNet ONNX file (fixed input size, batch 1 per call) with ONNX Runtime."""
 
     name = "onnxruntime"
-    scan_backend = "onnx-loop"
+    scan_backend = "onnx-scan"
 
     def __init__(self, path: str | os.PathLike, device: torch.device, dtype: str = "fp32",
                  threads: int | None = None) -> None:

@@ -300,27 +300,39 @@ def _exporting() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ONNX export: the recurrence as one ONNX ``Loop`` node
+# ONNX export: the recurrence as one ONNX ``Scan`` node
+
+#: Domain and name of the placeholder node that :func:`ecmnet_core.export.export_onnx` rewrites into an ONNX Scan.
+RECURRENCE_OP = ("ecmnet", "Recurrence")
 
 
-def _recurrence_loop(dA: Tensor, dBu: Tensor, C: Tensor) -> Tensor:
-    """h_t = dA_t * h_{t-1} + dBu_t, y_t = h_t @ C_t. dA, dBu (L, B, G, Dg, N); C (L, B, G, N, 1) -> (L, B, G, Dg)."""
-    h = torch.zeros_like(dA[0])
+def _recurrence_loop(h0: Tensor, dA: Tensor, dBu: Tensor, C: Tensor) -> Tensor:
+    """h_t = dA_t * h_{t-1} + dBu_t, y_t = h_t @ C_t. h0 (B, G, Dg, N); dA, dBu (L, B, G, Dg, N); C (L, B, G, N, 1)
+    -> y (L, B, G, Dg, 1)."""
+    h = h0
     ys: list[Tensor] = []
     for t in range(dA.shape[0]):
         h = dA[t] * h + dBu[t]
-        ys.append(torch.matmul(h, C[t]).squeeze(-1))
+        ys.append(torch.matmul(h, C[t]))
     return torch.stack(ys)
 
 
-@functools.lru_cache(maxsize=1)
-def _scripted_recurrence():
-    # scripted (not traced) so the exporter emits one Loop whose size does not grow with L; compiled lazily
-    return torch.jit.script(_recurrence_loop)
+class _RecurrenceForExport(torch.autograd.Function):
+    """The recurrence as one placeholder node while exporting; the exporter turns it into an ONNX ``Scan`` whose
+    body is Mul, Add, MatMul (:func:`ecmnet_core.export.lower_recurrence`), so the graph does not grow with L
+    and ONNX Runtime steps through time without per-step graph overhead."""
+
+    @staticmethod
+    def forward(ctx, h0: Tensor, dA: Tensor, dBu: Tensor, C: Tensor) -> Tensor:
+        return _recurrence_loop(h0, dA, dBu, C)
+
+    @staticmethod
+    def symbolic(g, h0, dA, dBu, C):
+        return g.op(f"{RECURRENCE_OP[0]}::{RECURRENCE_OP[1]}", h0, dA, dBu, C)
 
 
 def selective_scan_export(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The scan as exported to ONNX: element-wise terms for all steps at once, then one ``Loop`` over time.
+    """The scan as exported to ONNX: element-wise terms for all steps at once, then one ``Scan`` over time.
 
     Holds exp(delta * A) and delta * B * u as (L, batch, dim, N) tensors (45 MB at a 360x480 input, L = 690).
     Same semantics as :func:`selective_scan_ref`; used while ``torch.onnx.export`` runs.
@@ -335,7 +347,8 @@ def selective_scan_export(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     dA = torch.exp(dt * A.float().reshape(1, 1, groups, per, n))
     dBu = (dt * ut) * Bg.permute(3, 0, 1, 2).unsqueeze(3)  # B_t broadcast over the group's channels
     Ct = Cg.permute(3, 0, 1, 2).unsqueeze(-1)  # (L, B, G, N, 1)
-    y = _scripted_recurrence()(dA, dBu, Ct).reshape(length, batch, dim).permute(1, 2, 0)
+    h0 = torch.zeros(batch, groups, per, n, dtype=dA.dtype, device=dA.device)
+    y = _RecurrenceForExport.apply(h0, dA, dBu, Ct).reshape(length, batch, dim).permute(1, 2, 0)
     return _finish(y, u, D, z, torch.float32)
 
 
