@@ -175,6 +175,16 @@ def _old_ptflops_linear_hook(module: nn.Linear, inputs: tuple, output: Tensor) -
     module.__flops__ += int(x.shape[0] * x.shape[1] * output.shape[1])
 
 
+def _custom_hooks() -> dict:
+    """The old counter's Linear rule; our export-friendly PReLU subclass counted as the nn.PReLU it is (ptflops
+    matches exact types)."""
+    from ptflops.pytorch_ops import MODULES_MAPPING
+
+    from ecmnet_core.model.layers import PReLU
+
+    return {nn.Linear: _old_ptflops_linear_hook, PReLU: MODULES_MAPPING[nn.PReLU]}
+
+
 def paper_macs(model: nn.Module, input_size: tuple[int, int]) -> int:
     """Multiply-accumulates of one (1, 3, H, W) forward pass in the paper's ptflops convention."""
     try:
@@ -189,7 +199,7 @@ def paper_macs(model: nn.Module, input_size: tuple[int, int]) -> int:
         with torch.no_grad(), stubbed_scans(model):
             macs, _ = get_model_complexity_info(
                 model, (3, *input_size), as_strings=False, print_per_layer_stat=False, ost=log, verbose=False,
-                backend="pytorch", ignore_modules=ignored, custom_modules_hooks={nn.Linear: _old_ptflops_linear_hook},
+                backend="pytorch", ignore_modules=ignored, custom_modules_hooks=_custom_hooks(),
                 backend_specific_config={"count_functional": False},
             )
     finally:

@@ -36,7 +36,7 @@ from ecmnet_core.ops.selective_scan import RECURRENCE_OP
 
 DEFAULT_OPSET = 17
 #: Stored in every exported file; bump when the graph or metadata layout changes (invalidates cached exports).
-ONNX_FORMAT = "ecmnet-onnx/3"
+ONNX_FORMAT = "ecmnet-onnx/4"
 _INSTALL_HINT = "install the ONNX extras: pip install 'ecmnet_ros[onnx]' (onnx, onnxruntime)"
 
 
