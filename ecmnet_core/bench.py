@@ -34,10 +34,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ecmnet_core.checkpoint import CheckpointError
 from ecmnet_core.model import VARIANTS, build_model
 from ecmnet_core.ops.selective_scan import (
     BACKENDS,
@@ -208,8 +210,19 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     else:
-        env["device_name"] = platform.processor() or platform.machine()
+        env["device_name"] = _cpu_name()
     return env
+
+
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("model name", "Model"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _disturbance_note(load_before: float | None, load_after: float | None, threads: int) -> str | None:
@@ -489,9 +502,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"L > {SLOW_LENGTH}")
     parser.add_argument("--no-memory", action="store_true", help="--scan: do not measure peak memory")
     parser.add_argument("--budget", type=float, default=60.0,
-                        help="--scan: stop repeating one measurement after this many seconds (default 60)")
+                        help="--scan, --paths: stop repeating one measurement after this many seconds (default 60)")
     parser.add_argument("--progress", action="store_true",
-                        help="--scan: report each finished measurement on stderr while the run goes on")
+                        help="--scan, --paths: report each finished measurement on stderr while the run goes on")
+    parser.add_argument("--paths", nargs="*", default=None, metavar="PATH",
+                        help="compare inference paths (eager, eager-kernels, torch, torch-compile, onnxruntime, "
+                             "torch-fp16, torch-bf16, torch-fp16-graphs) against eager fp32 at --sizes; no names = "
+                             "the device's defaults")
+    parser.add_argument("--sizes", nargs="+", default=None, metavar="HxW",
+                        help="--paths: input sizes (default 360x480 512x1024 1024x2048)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="--paths: checkpoint to run (default the packaged CamVid model; --random for untrained)")
+    parser.add_argument("--random", action="store_true", help="--paths: random weights of --model instead")
+    parser.add_argument("--agreement", default=None, metavar="DIR",
+                        help="--paths: also compare every path's arg-max labels with the baseline's on these images")
+    parser.add_argument("--agreement-limit", type=int, default=None, help="--paths: use only the first N images")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -561,7 +586,22 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     size = (int(args.size[0]), int(args.size[1]))
     try:
-        if args.scan:
+        if args.paths is not None:
+            from ecmnet_core.bench_paths import PathsBenchConfig, bench_paths, format_paths, parse_size
+
+            sizes = tuple(parse_size(v) for v in args.sizes) if args.sizes else None
+            pcfg = PathsBenchConfig(checkpoint=args.checkpoint, model=args.model if args.random else None,
+                                    classes=args.classes, device=args.device, paths=tuple(args.paths) or None,
+                                    runs=10 if args.runs is None else args.runs,
+                                    warmup=2 if args.warmup is None else args.warmup, budget_s=args.budget,
+                                    agreement=args.agreement, agreement_limit=args.agreement_limit,
+                                    progress=(lambda m: print(m, file=sys.stderr, flush=True)) if args.progress
+                                    else None)
+            if sizes:
+                pcfg.sizes = sizes
+            result = bench_paths(pcfg)
+            text = format_paths
+        elif args.scan:
             cfg = ScanBenchConfig(size=size, batch=args.batch, device=args.device, backends=args.backends,
                                   runs=5 if args.runs is None else args.runs,
                                   warmup=1 if args.warmup is None else args.warmup, skip_slow=args.skip_slow,
@@ -577,7 +617,7 @@ def run(args: argparse.Namespace) -> int:
                                    channels_last=args.channels_last, scan_backend=args.scan_backend)
             result = bench_model(cfg)
             text = _format_model
-    except ValueError as exc:
+    except (ValueError, CheckpointError) as exc:
         raise SystemExit(f"bench: {exc}") from exc
     print(json.dumps(result) if args.json else text(result))
     return 0

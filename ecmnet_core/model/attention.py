@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ecmnet_core.ops.axial_attention import axial_attention
+
 
 class ECA(nn.Module):
     """Efficient channel attention: x * sigmoid(Conv1d_k(avgpool(x))) across channels. (B, C, H, W) -> same."""
@@ -26,7 +28,11 @@ class DDA(nn.Module):
 
     q, k: 1x1 conv c -> max(c // 8, 1); v: 1x1 conv c -> c; shared by both passes.
     Output = x + gamma * (O_h + O_w), gamma initialised to 0. (B, c, H, W) -> same.
+    ``backend``: attention backend of :func:`ecmnet_core.ops.axial_attention.axial_attention` (None: automatic,
+    i.e. the compiled kernel for CPU fp32 inference); a plain attribute, not saved in checkpoints.
     """
+
+    backend: str | None = None
 
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__()
@@ -36,27 +42,11 @@ class DDA(nn.Module):
         self.value = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
 
-    @staticmethod
-    def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """Softmax attention over the sequence axis: q, k (N, S, dk), v (N, S, c) -> (N, S, c)."""
-        attn = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, dim=-1)
-        return torch.bmm(attn, v)
-
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
         q, k, v = self.query(x), self.key(x), self.value(x)
         scale = 1.0 / math.sqrt(self.key_dim)
-        # height pass: one sequence of length H per column
-        qh = q.permute(0, 3, 2, 1).reshape(b * w, h, -1)
-        kh = k.permute(0, 3, 2, 1).reshape(b * w, h, -1)
-        vh = v.permute(0, 3, 2, 1).reshape(b * w, h, c)
-        out_h = self._attend(qh, kh, vh, scale).view(b, w, h, c).permute(0, 3, 2, 1)
-        # width pass: one sequence of length W per row
-        qw = q.permute(0, 2, 3, 1).reshape(b * h, w, -1)
-        kw = k.permute(0, 2, 3, 1).reshape(b * h, w, -1)
-        vw = v.permute(0, 2, 3, 1).reshape(b * h, w, c)
-        out_w = self._attend(qw, kw, vw, scale).view(b, h, w, c).permute(0, 3, 1, 2)
-        return x + self.gamma * (out_h + out_w)
+        # compiled kernel for CPU fp32 inference, PyTorch otherwise (see ecmnet_core.ops.axial_attention)
+        return x + self.gamma * axial_attention(q, k, v, scale, backend=self.backend)
 
     def attention_macs(self, x_shape: torch.Size) -> int:
         """Multiply-accumulates of the two attention products for an input of ``x_shape`` (not seen by hooks)."""

@@ -6,8 +6,9 @@ the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) into a shar
 ``torch.utils.cpp_extension`` build. The library is cached under ``$ECMNET_CACHE_DIR/scan_cpu`` (default
 ``~/.cache/ecmnet/scan_cpu``) under a name that hashes the source, the flags, the compiler and the CPU, so a
 ``-march=native`` build is never loaded on a different CPU. Builds are atomic (compile to a temporary file, then
-rename), so concurrent processes at worst build twice. Without a working compiler :func:`load_library` returns None
-after one warning and the dispatcher falls back to the ``torch`` backend.
+rename), so concurrent processes at worst build twice; this machinery is shared with the attention kernel in
+:mod:`ecmnet_core.ops.cbuild`. Without a working compiler :func:`load_library` returns None after one warning and the
+dispatcher falls back to the ``torch`` backend.
 
 Kernel design (details in the source): SIMD lanes run over a tile of channels of one group (one native vector: 16
 with AVX-512, 8 with AVX, else 4), time and states are loops, so the hot loops need no horizontal sums; a per-call
@@ -22,16 +23,7 @@ same memory. Without gradients (``torch.no_grad``, inference) no states are stor
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,12 +31,22 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ecmnet_core.ops import cbuild
+from ecmnet_core.ops.cbuild import (  # noqa: F401 -- re-exported: the scan's public build API and test hooks
+    BASE_FLAGS,
+    CACHE_ENV,
+    NATIVE_FLAGS,
+    BuildInfo,
+    _compile,
+    _cpu_tag,
+    _writable,
+    find_compiler,
+)
+
 ABI_VERSION = 3
 SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
-CACHE_ENV = "ECMNET_CACHE_DIR"
+CACHE_NAME = "scan_cpu"
 DEFAULT_CHUNK = 64
-BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi")
-NATIVE_FLAGS = ("-march=native",)
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -55,110 +57,7 @@ _BWD_ARGTYPES = [_P] * 8 + [_INT] + [_I64] * 6 + [_P] * 10 + [_I64, _INT]
 
 def cache_dir() -> Path:
     """Where compiled libraries are kept: ``$ECMNET_CACHE_DIR/scan_cpu`` or ``$XDG_CACHE_HOME/ecmnet/scan_cpu``."""
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        return Path(root).expanduser() / "scan_cpu"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "ecmnet" / "scan_cpu"
-
-
-def find_compiler() -> str | None:
-    """``$CXX`` if set (even when it does not exist, so a bad setting is reported), else the first C++ compiler."""
-    cxx = os.environ.get("CXX")
-    if cxx:
-        return shutil.which(cxx) or cxx
-    for name in ("c++", "g++", "clang++"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-def _cpu_tag() -> str:
-    """Identifies the CPU's instruction set, so a -march=native build is only reused on the same kind of CPU."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    fields = ("model name", "flags", "Features", "CPU implementer", "CPU part")  # x86 and ARM
-    keep = [line for line in text.splitlines() if line.split(":")[0].strip() in fields]
-    return "\n".join(dict.fromkeys(keep)) or f"{platform.machine()} {platform.processor()}"
-
-
-@dataclass
-class BuildInfo:
-    """How the library was obtained: its path, whether this process compiled it, and how long that took."""
-
-    path: Path
-    compiled: bool
-    seconds: float
-    flags: tuple[str, ...]
-
-
-@dataclass
-class LibraryLoader:
-    """Builds (once; cached on disk) and loads the kernel library. Thread-safe.
-
-    ``compiler`` None: :func:`find_compiler`; ``cache`` None: :func:`cache_dir`; ``native``: try ``-march=native``
-    first. ``load()`` returns the :class:`ctypes.CDLL`, or None with the reason in ``error`` (warned once).
-    """
-
-    compiler: str | None = None
-    cache: Path | None = None
-    native: bool = True
-    error: str | None = None
-    info: BuildInfo | None = None
-    _lib: ctypes.CDLL | None = None
-    _tried: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def load(self) -> ctypes.CDLL | None:
-        if self._tried:
-            return self._lib
-        with self._lock:
-            if not self._tried:
-                try:
-                    self._lib = self._load()
-                except Exception as exc:  # no compiler, compile error, unwritable cache, unloadable library
-                    self.error = str(exc)
-                    warnings.warn(f"compiled CPU selective scan unavailable: {self.error}; "
-                                  "falling back to the slower 'torch' backend", RuntimeWarning, stacklevel=3)
-                self._tried = True
-        return self._lib
-
-    def _load(self) -> ctypes.CDLL:
-        compiler = self.compiler or find_compiler()
-        if compiler is None:
-            raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
-        try:
-            version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60,
-                                     check=True).stdout
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise RuntimeError(f"C++ compiler {compiler!r} does not run ({exc})") from None
-        if not SOURCE.is_file():
-            raise RuntimeError(f"kernel source {SOURCE} is missing from the installation")
-        source = SOURCE.read_bytes()
-        cache = _writable(self.cache or cache_dir())
-        failures = []
-        for flags in ([BASE_FLAGS + NATIVE_FLAGS] if self.native else []) + [BASE_FLAGS]:
-            key = b"\0".join([source, " ".join(flags).encode(), compiler.encode(), version.encode(),
-                               _cpu_tag().encode()])
-            path = cache / f"selective_scan_cpu_{hashlib.sha256(key).hexdigest()[:16]}.so"
-            start = time.perf_counter()
-            lib = _open(path) if path.is_file() else None  # None also for a damaged cache entry: rebuild it
-            compiled = lib is None
-            if lib is None:
-                error = _compile(compiler, flags, path)
-                if error:
-                    failures.append(f"{compiler} {' '.join(flags)}: {error}")
-                    continue
-                lib = _open(path)
-                if lib is None:
-                    raise RuntimeError(f"the freshly built {path} cannot be loaded")
-            self.info = BuildInfo(path, compiled, time.perf_counter() - start, flags)
-            return lib
-        raise RuntimeError("compiling the kernel failed: " + " | ".join(failures))
+    return cbuild.cache_dir(CACHE_NAME)
 
 
 def _open(path: Path) -> ctypes.CDLL | None:
@@ -177,36 +76,20 @@ def _open(path: Path) -> ctypes.CDLL | None:
     return lib
 
 
-def _writable(directory: Path) -> Path:
-    """``directory``, created if needed, or a per-user temporary directory when it cannot be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        if os.access(directory, os.W_OK):
-            return directory
-    except OSError:
-        pass
-    user = os.getuid() if hasattr(os, "getuid") else "user"
-    fallback = Path(tempfile.gettempdir()) / f"ecmnet-{user}" / "scan_cpu"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
+@dataclass
+class LibraryLoader(cbuild.LibraryLoader):
+    """Builds (once; cached on disk) and loads the selective-scan library: :class:`cbuild.LibraryLoader` with the
+    scan's source, file name, ABI check and cache directory as defaults. Thread-safe.
 
+    ``compiler`` None: :func:`find_compiler`; ``cache`` None: :func:`cache_dir`; ``native``: try ``-march=native``
+    first. ``load()`` returns the :class:`ctypes.CDLL`, or None with the reason in ``error`` (warned once).
+    """
 
-def _compile(compiler: str, flags: tuple[str, ...], path: Path) -> str | None:
-    """Compile SOURCE to ``path`` atomically (temporary file, then rename); the compiler's error text, else None."""
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                              timeout=600)
-        if proc.returncode != 0:
-            return (proc.stderr or proc.stdout).strip()[-2000:] or f"exit status {proc.returncode}"
-        os.replace(tmp, path)
-        return None
-    except (OSError, subprocess.SubprocessError) as exc:
-        return str(exc)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    source: Path | None = field(default=SOURCE, kw_only=True)
+    stem: str = field(default="selective_scan_cpu", kw_only=True)
+    opener: cbuild.Opener | None = field(default=_open, kw_only=True, repr=False)
+    cache_name: str = field(default=CACHE_NAME, kw_only=True)
+    what: str = field(default="compiled CPU selective scan", kw_only=True)
 
 
 _LOADER = LibraryLoader()

@@ -1,0 +1,254 @@
+"""``bench --paths``: every inference path against eager fp32 PyTorch, in one run, at several input sizes.
+
+A *path* is one way to run the network (the engine of :mod:`ecmnet_core.engines` and its options). The baseline,
+``eager``, is the plain ``model(x)`` in fp32 and NCHW with the pure-PyTorch selective scan and attention -- what the
+model costs without any of the inference work. Each path is timed on the same normalised input through the same
+call the :class:`~ecmnet_core.inference.Segmenter` makes (``engine.logits``), reporting ms/frame p50/p90, frames/s
+and the speed-up over the baseline's median measured in this run.
+
+With ``--agreement DIR`` every path also segments the images in DIR (e.g. CamVid val) at the first size, and the
+share of pixels whose arg-max label equals the baseline's is reported (the acceptance bar is 99.9 %).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from ecmnet_core.bench import _disturbance_note, environment, time_fn
+from ecmnet_core.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from ecmnet_core.data.transforms import normalize_image
+from ecmnet_core.engines import OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
+from ecmnet_core.inference import random_checkpoint, resolve_device
+from ecmnet_core.ops import axial_attention
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+BASELINE = "eager"
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """One inference path: ``engine`` torch|onnxruntime|eager and the engine options."""
+
+    description: str
+    engine: str = "torch"
+    dtype: str = "fp32"
+    channels_last: bool = True
+    fold_bn: bool = True
+    compile: bool = False
+    cuda_graphs: bool = False
+    kernels: bool = True  # compiled scan/attention kernels where the device has them
+    cuda_only: bool = False
+
+
+PATHS: dict[str, PathSpec] = {
+    BASELINE: PathSpec("eager fp32 PyTorch, NCHW, pure-PyTorch scan and attention (baseline)", engine="eager",
+                       channels_last=False, fold_bn=False, kernels=False),
+    "eager-kernels": PathSpec("eager fp32, NCHW, with the compiled scan/attention kernels", engine="eager",
+                              channels_last=False, fold_bn=False),
+    "torch": PathSpec("Segmenter default: BN folded, channels-last, compiled kernels"),
+    "torch-compile": PathSpec("torch + torch.compile (inductor)", compile=True),
+    "onnxruntime": PathSpec("ONNX Runtime (exported graph, scan as an ONNX Scan)", engine="onnxruntime"),
+    "torch-fp16": PathSpec("torch + fp16 autocast", dtype="fp16", cuda_only=True),
+    "torch-bf16": PathSpec("torch + bf16 autocast", dtype="bf16", cuda_only=True),
+    "torch-fp16-graphs": PathSpec("torch + fp16 autocast + CUDA graphs", dtype="fp16", cuda_graphs=True,
+                                  cuda_only=True),
+}
+DEFAULT_CPU_PATHS = ("eager", "eager-kernels", "torch", "onnxruntime")
+DEFAULT_CUDA_PATHS = ("eager", "torch", "torch-fp16", "torch-bf16", "torch-fp16-graphs", "onnxruntime")
+DEFAULT_SIZES = ((360, 480), (512, 1024), (1024, 2048))
+
+
+@dataclass
+class PathsBenchConfig:
+    checkpoint: str | None = None
+    model: str | None = None  # random weights (timing only) when no checkpoint is given
+    classes: int = 11
+    device: str = "cpu"
+    sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES
+    paths: tuple[str, ...] | None = None  # None: the device's defaults
+    runs: int = 10
+    warmup: int = 2
+    budget_s: float = 60.0  # per path and size: stop timing early past this
+    agreement: str | None = None  # folder of images
+    agreement_limit: int | None = None
+    progress: Callable[[str], None] | None = None
+    onnx_cache: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _set_kernels(model: torch.nn.Module, on: bool) -> None:
+    """Force the pure-PyTorch scan and attention (``on`` False) or leave both on automatic."""
+    for module in model.modules():
+        if hasattr(module, "scan") and hasattr(module.scan, "backend"):
+            module.scan.backend = None if on else "torch"
+    axial_attention.set_attention_backend(model, None if on else "torch")
+
+
+class _Eager:
+    """``model(x)`` as a user would call it: no folding, the model's own memory format."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, spec: PathSpec) -> None:
+        self.model = ckpt.build_model().eval().to(device)
+        _set_kernels(self.model, spec.kernels)
+        self.device = device
+        self.scan_backend = "torch" if not spec.kernels else self.model.scan_backend(device)
+
+    @torch.inference_mode()
+    def logits(self, batch: Tensor) -> Tensor:
+        return self.model(batch.to(self.device)).float()
+
+
+def build_path(name: str, ckpt: Checkpoint, device: torch.device, size: tuple[int, int],
+               checkpoint_hash: str, onnx_cache: Path | None = None):
+    """An object with ``logits(batch)`` for path ``name`` (see :data:`PATHS`)."""
+    spec = PATHS[name]
+    if spec.engine == "eager":
+        return _Eager(ckpt, device, spec)
+    if spec.engine == "onnxruntime":
+        return OnnxRuntimeEngine(onnx_model_for(ckpt, checkpoint_hash, size, onnx_cache), device, spec.dtype)
+    engine = TorchEngine(ckpt, device, TorchEngineOptions(
+        dtype=spec.dtype, channels_last=spec.channels_last, fold_bn=spec.fold_bn, compile=spec.compile,
+        cuda_graphs=spec.cuda_graphs))
+    if not spec.kernels:
+        _set_kernels(engine.model, False)
+    return engine
+
+
+def _images(folder: str, limit: int | None) -> list[Path]:
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"--agreement {folder}: not a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"--agreement {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return files[:limit] if limit else files
+
+
+def _labels(runner, x: Tensor) -> np.ndarray:
+    return runner.logits(x).argmax(1).to(torch.uint8).cpu().numpy()
+
+
+def bench_paths(cfg: PathsBenchConfig) -> dict:
+    """Time every path at every size (and optionally check label agreement); returns a JSON-ready dict."""
+    device = resolve_device(cfg.device)
+    names = tuple(cfg.paths or (DEFAULT_CUDA_PATHS if device.type == "cuda" else DEFAULT_CPU_PATHS))
+    unknown = [n for n in names if n not in PATHS]
+    if unknown:
+        raise ValueError(f"unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+    if device.type != "cuda":
+        skipped = [n for n in names if PATHS[n].cuda_only]
+        names = tuple(n for n in names if not PATHS[n].cuda_only)
+    else:
+        skipped = []
+    if BASELINE not in names:
+        names = (BASELINE, *names)
+    for h, w in cfg.sizes:
+        if min(h, w) < 16:
+            raise ValueError(f"size {h}x{w}: both sides must be >= 16")
+    if cfg.model and not cfg.checkpoint:
+        ckpt, ckpt_hash = random_checkpoint(cfg.model, cfg.classes), f"random-{cfg.model}-{cfg.classes}"
+        source = f"random weights ({cfg.model})"
+    else:
+        ckpt = load_checkpoint(cfg.checkpoint)
+        from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT
+
+        path = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
+        ckpt_hash, source = file_sha256(path), str(path)
+    say = cfg.progress or (lambda _msg: None)
+    load_before = environment(device)["load_avg_1min"]
+    results: dict[str, dict[str, dict]] = {}
+    agreement: dict[str, dict] = {}
+    images = _images(cfg.agreement, cfg.agreement_limit) if cfg.agreement else []
+    for size in cfg.sizes:
+        key = f"{size[0]}x{size[1]}"
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 3, *size, generator=gen)
+        results[key] = {}
+        baseline_labels: list[np.ndarray] = []
+        for name in names:
+            try:
+                runner = build_path(name, ckpt, device, size, ckpt_hash, cfg.onnx_cache)
+            except (ValueError, RuntimeError) as exc:  # e.g. no onnxruntime, no compiler
+                results[key][name] = {"error": str(exc)}
+                say(f"{key} {name}: unavailable ({exc})")
+                continue
+            timing = time_fn(lambda r=runner, x=x: r.logits(x), cfg.runs, cfg.warmup, device, cfg.budget_s)
+            entry = {**timing.summary(), "fps": 1e3 / timing.median, "description": PATHS[name].description,
+                     "scan_backend": str(getattr(runner, "scan_backend", "")),
+                     "cold": timing.cold}
+            results[key][name] = entry
+            say(f"{key} {name}: p50 {timing.median:.1f} ms, p90 {timing.p90:.1f} ms")
+            if images and size == cfg.sizes[0]:
+                same = total = 0
+                for i, file in enumerate(images):
+                    image = cv2.imread(str(file), cv2.IMREAD_COLOR)
+                    if image is None:
+                        raise ValueError(f"--agreement: cannot read image {file}")
+                    image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+                    labels = _labels(runner, normalize_image(image, ckpt.mean, ckpt.std)[None])
+                    if name == BASELINE:
+                        baseline_labels.append(labels)
+                    else:
+                        same += int((labels == baseline_labels[i]).sum())
+                        total += labels.size
+                if name != BASELINE:
+                    agreement[name] = {"images": len(images), "pixels": total, "identical": same / max(total, 1)}
+                    say(f"{key} {name}: identical labels on {100 * same / max(total, 1):.4f} % of pixels")
+            del runner
+        base = results[key].get(BASELINE, {})
+        for entry in results[key].values():
+            if "median_ms" in entry and "median_ms" in base:
+                entry["speedup"] = base["median_ms"] / entry["median_ms"]
+    env = environment(device)
+    return {
+        "mode": "paths", "checkpoint": source, "checkpoint_hash": ckpt_hash, "model": ckpt.model_config.name,
+        "classes": ckpt.num_classes, "batch": 1, "baseline": BASELINE, "paths": list(names),
+        "skipped_cuda_only": skipped, "results": results, "agreement": agreement,
+        "agreement_size": list(cfg.sizes[0]) if images else None, "agreement_folder": cfg.agreement,
+        "runs": cfg.runs, "warmup": cfg.warmup, "environment": env,
+        "note": _disturbance_note(load_before, env["load_avg_1min"], env["threads"]),
+        "pid": os.getpid(),
+    }
+
+
+def format_paths(r: dict) -> str:
+    env = r["environment"]
+    lines = [f"inference paths vs '{r['baseline']}' ({PATHS[r['baseline']].description})",
+             f"model {r['model']} ({r['classes']} classes), {r['checkpoint']} (sha256 {r['checkpoint_hash']}), batch 1",
+             f"device {env['device']} ({env['device_name']}), torch {env['torch']}, {env['threads']} threads; "
+             f"{r['warmup']} warm-up + up to {r['runs']} timed runs per row",
+             f"{'size':<10} {'path':<18} {'p50 ms':>9} {'p90 ms':>9} {'frames/s':>9} {'speed-up':>9}  scan"]
+    for size, rows in r["results"].items():
+        for name, e in rows.items():
+            if "error" in e:
+                lines.append(f"{size:<10} {name:<18} unavailable: {e['error']}")
+                continue
+            speed = f"{e['speedup']:.2f}x" if "speedup" in e else "-"
+            lines.append(f"{size:<10} {name:<18} {e['median_ms']:>9.1f} {e['p90_ms']:>9.1f} {e['fps']:>9.2f} "
+                         f"{speed:>9}  {e['scan_backend']}")
+    for name, a in r["agreement"].items():
+        h, w = r["agreement_size"]
+        lines.append(f"labels of {name} identical to the baseline's on {100 * a['identical']:.4f} % of "
+                     f"{a['pixels']:,} pixels ({a['images']} images of {r['agreement_folder']} at {h}x{w})")
+    if r["skipped_cuda_only"]:
+        lines.append(f"skipped (CUDA only): {', '.join(r['skipped_cuda_only'])}")
+    if r["note"]:
+        lines.append(f"WARNING: {r['note']}")
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``360x480`` -> (360, 480)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise ValueError(f"size {text!r}: write HxW, e.g. 360x480") from exc
+    return h, w

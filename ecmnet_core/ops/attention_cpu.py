@@ -1,0 +1,133 @@
+"""Compiled CPU axial attention: the ``cpp`` backend of :func:`ecmnet_core.ops.axial_attention.axial_attention`.
+
+The kernel (``csrc/axial_attention_cpu.cpp``, plain C ABI, fp32) computes DDA's two axial softmax-attention passes,
+out = O_h + O_w, in one call: one task per row, then, after a barrier, one per column adding to the rows' output,
+on a per-call team of ``torch.get_num_threads()`` threads. It reads and writes channels-last memory, (B, H, W, C),
+which is what a channels_last (B, C, H, W) tensor already holds. It is built on first use with the system compiler
+and cached like the selective scan (:mod:`ecmnet_core.ops.cbuild`, cache directory ``attention_cpu``). Without a
+working compiler :func:`load_library` returns None after one warning and the dispatcher uses the ``torch`` backend.
+
+There is no backward: the dispatcher uses this kernel only when no autograd graph is needed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ecmnet_core.ops import cbuild
+
+ABI_VERSION = 1
+SOURCE = Path(__file__).resolve().parent / "csrc" / "axial_attention_cpu.cpp"
+CACHE_NAME = "attention_cpu"
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+_ARGTYPES = [_P] * 4 + [_I64] * 5 + [ctypes.c_float, _INT]
+_ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
+
+
+def _open(path: Path) -> ctypes.CDLL | None:
+    """Load the library and declare its functions; None if it cannot be loaded or has another ABI."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        if lib.ecmnet_attn_abi_version() != ABI_VERSION:
+            return None
+    except (OSError, AttributeError):
+        return None
+    lib.ecmnet_axial_attention.argtypes = _ARGTYPES
+    lib.ecmnet_axial_attention.restype = _INT
+    lib.ecmnet_attn_lanes.restype = _INT
+    return lib
+
+
+@dataclass
+class LibraryLoader(cbuild.LibraryLoader):
+    """:class:`cbuild.LibraryLoader` for the axial-attention kernel (source, file name, ABI check, cache directory)."""
+
+    source: Path | None = field(default=SOURCE, kw_only=True)
+    stem: str = field(default="axial_attention_cpu", kw_only=True)
+    opener: cbuild.Opener | None = field(default=_open, kw_only=True, repr=False)
+    cache_name: str = field(default=CACHE_NAME, kw_only=True)
+    what: str = field(default="compiled CPU axial attention", kw_only=True)
+    # OpenMP: the kernel then runs on PyTorch's intra-op threads (same libgomp.so.1 soname) instead of a team of its
+    # own, which after a PyTorch op would compete with PyTorch's still-spinning workers for the cores.
+    extra_flags: tuple[str, ...] = field(default=("-fopenmp",), kw_only=True)
+
+
+_LOADER = LibraryLoader()
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The kernel library, compiled on first call (cached on disk); None, after one warning, if it cannot be built."""
+    return _LOADER.load()
+
+
+def is_available() -> bool:
+    """True when the compiled kernel can be used (builds it on first call)."""
+    return load_library() is not None
+
+
+def build_info() -> cbuild.BuildInfo | None:
+    """How the library of this process was obtained (None before the first use or when unavailable)."""
+    return _LOADER.info
+
+
+def _threads() -> int:
+    """Threads for one kernel call: torch's intra-op setting."""
+    return torch.get_num_threads()
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    """(B, C, H, W) -> contiguous (B, H, W, C); a view, no copy, for channels_last (or single-channel) input."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def axial_attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """DDA's attention, O_h + O_w, with the compiled kernel; no autograd (the result has no gradient).
+
+    Args:
+        q, k: (B, dk, H, W) fp32 CPU.  v: (B, C, H, W) fp32 CPU.  Any memory format; channels_last avoids copies.
+        scale: multiplies q . k before the softmax (DDA: 1 / sqrt(dk)).
+    Returns:
+        (B, C, H, W) fp32 in channels_last memory format: for every column the softmax attention over its H
+        positions plus, for every row, that over its W positions.
+    Raises:
+        ValueError for wrong shapes, dtypes or devices; RuntimeError if the library cannot be built.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.device.type != "cpu":
+            raise ValueError(f"axial attention backend 'cpp' needs CPU tensors; {name} is on {t.device}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"axial attention backend 'cpp' needs float32 tensors; {name} is {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"axial attention: {name} must be (B, channels, H, W), got {tuple(t.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"axial attention: q and k must have the same shape, got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    b, dk, h, w = q.shape
+    if v.shape[0] != b or v.shape[2:] != q.shape[2:]:
+        raise ValueError(f"axial attention: v must be ({b}, C, {h}, {w}), got {tuple(v.shape)}")
+    c = v.shape[1]
+    if dk < 1 or c < 1:
+        raise ValueError(f"axial attention: q/k and v need at least one channel, got dk={dk}, C={c}")
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"compiled CPU axial attention unavailable: {_LOADER.error}")
+    # Keep references to the contiguous copies: the kernel reads through raw pointers.
+    qc, kc, vc = _channels_last(q), _channels_last(k), _channels_last(v)
+    out = torch.empty(b, h, w, c, dtype=torch.float32)
+    code = lib.ecmnet_axial_attention(qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), b, dk, c, h, w,
+                                      float(scale), _threads())
+    if code != 0:
+        raise RuntimeError(f"axial attention kernel failed: {_ERRORS.get(code, f'error code {code}')}")
+    return out.permute(0, 3, 1, 2)
+
+
+__all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "axial_attention_cpu", "build_info", "is_available",
+           "load_library"]

@@ -1,0 +1,116 @@
+"""DDA's axial softmax attention with two backends, chosen per call.
+
+Semantics, with q, k (B, dk, H, W) and v (B, C, H, W)::
+
+    O_h[:, :, i, w] = sum_j softmax_j(scale * q[:, :, i, w] . k[:, :, j, w]) v[:, :, j, w]   (along each column)
+    O_w[:, :, h, i] = sum_j softmax_j(scale * q[:, :, h, i] . k[:, :, h, j]) v[:, :, h, j]   (along each row)
+    result = O_h + O_w
+
+Backends:
+
+* ``torch``: batched matmuls and softmax; differentiable, any device and dtype, traceable and ONNX-exportable.
+* ``cpp``: the compiled CPU kernel (:mod:`ecmnet_core.ops.attention_cpu`); fp32 CPU tensors, no autograd.
+
+Choice: the ``backend`` argument (DDA passes its ``backend`` attribute), else the ``ECMNET_ATTENTION_BACKEND``
+environment variable (``torch``, ``cpp`` or ``auto``), else ``auto``. ``auto`` picks ``cpp`` for fp32 CPU tensors
+when no gradient is needed, nothing is being traced, scripted, ONNX-exported or compiled, and the library builds;
+``torch`` otherwise. ``cpp`` requested explicitly raises ValueError for non-CPU or non-fp32 tensors, and still uses
+``torch`` where the kernel would give a wrong answer (an autograd graph is needed, or a graph is being recorded) or
+cannot be built (after the loader's one warning).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from ecmnet_core.ops import attention_cpu
+
+ENV_VAR = "ECMNET_ATTENTION_BACKEND"
+BACKENDS = ("torch", "cpp")
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Softmax attention over the sequence axis: q, k (N, S, dk), v (N, S, c) -> (N, S, c)."""
+    attn = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, dim=-1)
+    return torch.bmm(attn, v)
+
+
+def axial_attention_torch(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """O_h + O_w in PyTorch: q, k (B, dk, H, W), v (B, C, H, W) -> (B, C, H, W). Differentiable and exportable."""
+    b, c, h, w = v.shape
+    # height pass: one sequence of length H per column
+    qh = q.permute(0, 3, 2, 1).reshape(b * w, h, -1)
+    kh = k.permute(0, 3, 2, 1).reshape(b * w, h, -1)
+    vh = v.permute(0, 3, 2, 1).reshape(b * w, h, c)
+    out_h = _attend(qh, kh, vh, scale).view(b, w, h, c).permute(0, 3, 2, 1)
+    # width pass: one sequence of length W per row
+    qw = q.permute(0, 2, 3, 1).reshape(b * h, w, -1)
+    kw = k.permute(0, 2, 3, 1).reshape(b * h, w, -1)
+    vw = v.permute(0, 2, 3, 1).reshape(b * h, w, c)
+    out_w = _attend(qw, kw, vw, scale).view(b, h, w, c).permute(0, 3, 1, 2)
+    return out_h + out_w
+
+
+def _recording() -> bool:
+    """True while a graph is traced, scripted, ONNX-exported or compiled: the opaque kernel must not be recorded."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling())
+
+
+def _needs_autograd(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def resolve_backend(q: Tensor, k: Tensor, v: Tensor, backend: str | None = None) -> str:
+    """The backend (``torch`` or ``cpp``) that :func:`axial_attention` uses for these tensors.
+
+    Raises:
+        ValueError for an unknown name, or ``cpp`` requested for non-CPU or non-fp32 tensors.
+    """
+    name = (backend or os.environ.get(ENV_VAR) or "auto").strip().lower()
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown axial-attention backend {name!r} (from {'argument' if backend else ENV_VAR}); "
+                         f"choose one of auto, {', '.join(BACKENDS)}")
+    if name == "torch":
+        return "torch"
+    fits = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
+    if name == "cpp" and not fits:
+        raise ValueError("axial-attention backend 'cpp' needs float32 CPU tensors, got "
+                         f"{q.dtype}/{k.dtype}/{v.dtype} on {v.device}")
+    if not fits or _recording() or _needs_autograd(q, k, v):
+        return "torch"
+    return "cpp" if attention_cpu.is_available() else "torch"
+
+
+def axial_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str | None = None) -> Tensor:
+    """O_h + O_w: q, k (B, dk, H, W), v (B, C, H, W) -> (B, C, H, W). ``backend``: see the module docstring.
+
+    The ``cpp`` result is in channels_last memory format; the ``torch`` result has the layout its inputs produce.
+    """
+    if resolve_backend(q, k, v, backend) == "cpp":
+        return attention_cpu.axial_attention_cpu(q, k, v, scale)
+    return axial_attention_torch(q, k, v, scale)
+
+
+def set_attention_backend(model: nn.Module, backend: str | None) -> int:
+    """Set ``backend`` (``torch``, ``cpp``, ``auto`` or None = automatic) on every DDA of ``model``; returns the count.
+
+    For benchmarks and tests; the setting is not saved in checkpoints (it is a plain attribute, not a buffer).
+    """
+    if backend is not None and backend.strip().lower() not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown axial-attention backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    from ecmnet_core.model.attention import DDA  # the model imports this module
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, DDA):
+            module.backend = backend
+            count += 1
+    return count
+
+
+__all__ = ["BACKENDS", "ENV_VAR", "axial_attention", "axial_attention_torch", "resolve_backend",
+           "set_attention_backend"]

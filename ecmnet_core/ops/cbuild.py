@@ -1,0 +1,194 @@
+"""Compile-and-load machinery shared by the compiled CPU kernels (selective scan, axial attention).
+
+A kernel is one C++ source behind a plain C ABI. On first use it is compiled with the system C++ compiler (``$CXX``,
+else ``c++``/``g++``/``clang++``) into a shared library loaded with :mod:`ctypes`; no torch or Python headers are
+involved, so a build takes seconds. Libraries are cached under ``$ECMNET_CACHE_DIR/<name>`` (default
+``~/.cache/ecmnet/<name>``) under a file name that hashes the source, the flags, the compiler and the CPU, so a
+``-march=native`` build is never loaded on a different CPU. Builds are atomic (compile to a temporary file, then
+rename), so concurrent processes at worst build twice. ``-march=native`` is tried first, then portable flags.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CACHE_ENV = "ECMNET_CACHE_DIR"
+BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi")
+NATIVE_FLAGS = ("-march=native",)
+
+Opener = Callable[[Path], "ctypes.CDLL | None"]
+
+
+def cache_dir(name: str) -> Path:
+    """Where the libraries of kernel family ``name`` are kept: ``$ECMNET_CACHE_DIR/<name>`` or
+    ``$XDG_CACHE_HOME/ecmnet/<name>`` (default ``~/.cache/ecmnet/<name>``)."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / name
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "ecmnet" / name
+
+
+def find_compiler() -> str | None:
+    """``$CXX`` if set (even when it does not exist, so a bad setting is reported), else the first C++ compiler."""
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or cxx
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_tag() -> str:
+    """Identifies the CPU's instruction set, so a -march=native build is only reused on the same kind of CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    fields = ("model name", "flags", "Features", "CPU implementer", "CPU part")  # x86 and ARM
+    keep = [line for line in text.splitlines() if line.split(":")[0].strip() in fields]
+    return "\n".join(dict.fromkeys(keep)) or f"{platform.machine()} {platform.processor()}"
+
+
+@dataclass
+class BuildInfo:
+    """How the library was obtained: its path, whether this process compiled it, and how long that took."""
+
+    path: Path
+    compiled: bool
+    seconds: float
+    flags: tuple[str, ...]
+
+
+@dataclass
+class LibraryLoader:
+    """Builds (once; cached on disk) and loads one kernel library. Thread-safe.
+
+    ``compiler`` None: :func:`find_compiler`; ``cache`` None: ``cache_dir(cache_name)``; ``native``: try
+    ``-march=native`` first. ``source`` is the C++ file, ``stem`` the library's file-name prefix, ``opener`` loads a
+    built library and declares its functions, returning None when it cannot be loaded or has another ABI (the
+    library is then rebuilt). ``what`` names the kernel in the warning. ``load()`` returns the :class:`ctypes.CDLL`,
+    or None with the reason in ``error`` (warned once).
+    """
+
+    compiler: str | None = None
+    cache: Path | None = None
+    native: bool = True
+    error: str | None = None
+    info: BuildInfo | None = None
+    _lib: ctypes.CDLL | None = None
+    _tried: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The kernel this loader builds; subclasses (or callers) give them defaults.
+    source: Path | None = field(default=None, kw_only=True)
+    stem: str = field(default="", kw_only=True)
+    opener: Opener | None = field(default=None, kw_only=True, repr=False)
+    cache_name: str = field(default="", kw_only=True)
+    what: str = field(default="compiled CPU kernel", kw_only=True)
+    # Flags tried first (e.g. -fopenmp); a portable build without them is the last resort.
+    extra_flags: tuple[str, ...] = field(default=(), kw_only=True)
+
+    def load(self) -> ctypes.CDLL | None:
+        if self._tried:
+            return self._lib
+        with self._lock:
+            if not self._tried:
+                try:
+                    self._lib = self._load()
+                except Exception as exc:  # no compiler, compile error, unwritable cache, unloadable library
+                    self.error = str(exc)
+                    warnings.warn(f"{self.what} unavailable: {self.error}; "
+                                  "falling back to the slower 'torch' backend", RuntimeWarning, stacklevel=3)
+                self._tried = True
+        return self._lib
+
+    def _flag_sets(self) -> list[tuple[str, ...]]:
+        """Compiler flags to try in order: with ``extra_flags`` (native, then portable), then plain portable."""
+        base = BASE_FLAGS + self.extra_flags
+        sets = ([base + NATIVE_FLAGS] if self.native else []) + [base]
+        return sets + [BASE_FLAGS] if self.extra_flags else sets
+
+    def _load(self) -> ctypes.CDLL:
+        if self.source is None or self.opener is None or not self.stem or not self.cache_name:
+            raise RuntimeError("LibraryLoader needs source, stem, opener and cache_name")
+        compiler = self.compiler or find_compiler()
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+        try:
+            version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60,
+                                     check=True).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise RuntimeError(f"C++ compiler {compiler!r} does not run ({exc})") from None
+        if not self.source.is_file():
+            raise RuntimeError(f"kernel source {self.source} is missing from the installation")
+        source = self.source.read_bytes()
+        cache = _writable(self.cache or cache_dir(self.cache_name), self.cache_name)
+        failures = []
+        for flags in self._flag_sets():
+            key = b"\0".join([source, " ".join(flags).encode(), compiler.encode(), version.encode(),
+                               _cpu_tag().encode()])
+            path = cache / f"{self.stem}_{hashlib.sha256(key).hexdigest()[:16]}.so"
+            start = time.perf_counter()
+            lib = self.opener(path) if path.is_file() else None  # None also for a damaged cache entry: rebuild it
+            compiled = lib is None
+            if lib is None:
+                error = _compile(compiler, flags, path, self.source)
+                if error:
+                    failures.append(f"{compiler} {' '.join(flags)}: {error}")
+                    continue
+                lib = self.opener(path)
+                if lib is None:
+                    raise RuntimeError(f"the freshly built {path} cannot be loaded")
+            self.info = BuildInfo(path, compiled, time.perf_counter() - start, flags)
+            return lib
+        raise RuntimeError("compiling the kernel failed: " + " | ".join(failures))
+
+
+def _writable(directory: Path, name: str = "scan_cpu") -> Path:
+    """``directory``, created if needed, or the per-user temporary directory ``name`` when it cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if os.access(directory, os.W_OK):
+            return directory
+    except OSError:
+        pass
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    fallback = Path(tempfile.gettempdir()) / f"ecmnet-{user}" / name
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def _compile(compiler: str, flags: tuple[str, ...], path: Path, source: Path) -> str | None:
+    """Compile ``source`` to ``path`` atomically (temporary file, then rename); the compiler's error text, else None."""
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True,
+                              timeout=600)
+        if proc.returncode != 0:
+            return (proc.stderr or proc.stdout).strip()[-2000:] or f"exit status {proc.returncode}"
+        os.replace(tmp, path)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+__all__ = ["BASE_FLAGS", "CACHE_ENV", "NATIVE_FLAGS", "BuildInfo", "LibraryLoader", "cache_dir", "find_compiler"]

@@ -1,0 +1,391 @@
+// Axial (dual-direction) softmax attention on the CPU, fp32, behind a plain C ABI: the `cpp` backend of
+// ecmnet_core/ops/axial_attention.py, used by the DDA module for inference.
+//
+// Built on first use by ecmnet_core/ops/attention_cpu.py (c++ -O3 -shared, loaded with ctypes) and called with raw
+// fp32 pointers, so no torch or Python headers are needed. Needs GCC or Clang (vector extensions).
+//
+// Semantics, per batch b, with s = scale:
+//     out_w[b, i, w', :] = sum_j softmax_j(s * q[b, i, w', :] . k[b, i, j, :]) v[b, i, j, :]   (along each row)
+//     out_h[b, i, w', :] = sum_j softmax_j(s * q[b, i, w', :] . k[b, j, w', :]) v[b, j, w', :] (along each column)
+//     out = out_w + out_h
+// Layouts (contiguous fp32, channels last): q, k (batch, h, w, dk); v, out (batch, h, w, c). This is the memory of a
+// channels_last (B, C, H, W) tensor, so a channels_last model needs no copies.
+//
+// Design: one task is one sequence (a row in the first phase, a column in the second; the second phase adds to the
+// output of the first, with a barrier between them). Per sequence the task gathers q (pre-scaled by scale * log2 e),
+// k transposed to (dk, S) and v to (S, c) into its workspace, then handles QB queries at a time:
+//   scores: SIMD over keys j (VL lanes), loop over dk;      softmax: row max subtracted, exp2 by a polynomial;
+//   weighted sum: SIMD over channels (CV lanes), QB x NV vector accumulators, the probabilities broadcast;
+//   the 1 / sum normalisation is applied once per output vector.
+// Threads: up to `threads` (fewer for small maps). Built with -fopenmp (the loader's first choice) they are the
+// process's OpenMP threads, i.e. PyTorch's; otherwise a per-call team of std::threads pulls tasks from atomic
+// counters (1 thread: no spawn).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define ECMNET_X86 1
+#endif
+
+namespace {
+
+using i64 = int64_t;
+
+constexpr int ABI_VERSION = 1;
+
+// Key lanes = one native vector register (a wider type would be split by the compiler, selects into scalar code).
+#if defined(__AVX512F__)
+constexpr i64 VL = 16;
+#elif defined(__AVX__)
+constexpr i64 VL = 8;
+#else
+constexpr i64 VL = 4;  // SSE2, NEON and anything else with 128-bit vectors (or none)
+#endif
+constexpr i64 CV = 8;  // channel lanes: DDA's channel counts are multiples of 8 (8..64), so no lane is wasted
+constexpr i64 QB = 4;  // queries per block: each loaded key / value vector is used QB times
+constexpr i64 NV_MAX = 4;  // channel vectors per block: QB * NV_MAX accumulators fit the 16 AVX2 registers
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+typedef float vc __attribute__((vector_size(CV * sizeof(float))));
+
+template <class V>
+inline V loadu(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));  // unaligned load; compiles to one vector move
+    return v;
+}
+
+template <class V>
+inline void storeu(float* p, V v) {
+    std::memcpy(p, &v, sizeof(V));
+}
+
+// Broadcasts. `vf{} + x` would cost an extra scalar add (0 + -0 is +0, so it cannot be folded); x - 0 == x for every
+// x, so this folds into a single broadcast.
+inline vf splat(float x) {
+    return x - vf{};
+}
+
+inline vc splat_c(float x) {
+    return x - vc{};
+}
+
+// 2^x for x <= 0 (arguments are scores minus the row max): x = k + f with integer k and |f| <= 1/2; 2^f by Cephes'
+// exp2f polynomial (relative error ~1e-7), 2^k from the exponent bits. Clamping keeps 2^k a normal float
+// (2^-126 ~ 1e-38 stands in for 0, far below a softmax sum >= 1).
+inline vf vexp2(vf x) {
+    x = x > 0.0f ? splat(0.0f) : x;
+    x = x < -126.0f ? splat(-126.0f) : x;
+    const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer, k in the low bits
+    const vf t = x + magic;
+    const vf f = x - (t - magic);
+    vf p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    vi bits;
+    std::memcpy(&bits, &t, sizeof(bits));
+    bits = (bits - 0x4B400000 + 127) << 23;  // bits of t are those of magic plus k
+    vf scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------------------------
+// Threads: a per-call team, two phases separated by a barrier. Denormals are flushed inside the team (tiny
+// probabilities times values); the caller's mode is restored.
+
+class FlushDenormals {
+  public:
+    FlushDenormals() {
+#ifdef ECMNET_X86
+        saved_ = _mm_getcsr();
+        _mm_setcsr(saved_ | 0x8040);  // FTZ | DAZ
+#endif
+    }
+    ~FlushDenormals() {
+#ifdef ECMNET_X86
+        _mm_setcsr(saved_);
+#endif
+    }
+    FlushDenormals(const FlushDenormals&) = delete;
+    FlushDenormals& operator=(const FlushDenormals&) = delete;
+
+  private:
+    unsigned saved_ = 0;
+};
+
+// A barrier whose size is known only after the team is started (starting a thread may fail).
+class Barrier {
+  public:
+    void set_size(int n) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        size_ = n;
+        cv_.notify_all();
+    }
+    void arrive_and_wait() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ++arrived_;
+        cv_.notify_all();
+        cv_.wait(lock, [this] { return size_ > 0 && arrived_ >= size_; });
+    }
+
+  private:
+    std::mutex mutex_;
+    std::condition_variable cv_;
+    int size_ = 0;
+    int arrived_ = 0;
+};
+
+// Multiply-adds per thread below which one more thread does not pay for its start (~0.1 ms; a busy machine can
+// take that long to schedule it, and small maps are common).
+constexpr i64 WORK_PER_THREAD = i64(1) << 20;
+
+struct Problem {
+    const float* q;
+    const float* k;
+    const float* v;
+    float* out;
+    i64 batch, dk, c, h, w;
+    float alpha;  // scale * log2(e): scores come out in log2 units, ready for exp2
+
+    i64 cp() const { return (c + CV - 1) / CV * CV; }
+};
+
+// Per-thread buffers, sized for the longest sequence.
+struct Workspace {
+    std::vector<float> qs;   // (S, dk), pre-scaled queries
+    std::vector<float> kt;   // (dk, Sp), keys transposed, zero padding
+    std::vector<float> vb;   // (S, Cp), values, zero padding
+    std::vector<float> p;    // (QB, Sp), scores, then unnormalised probabilities
+    i64 sp = 0;
+
+    void allocate(const Problem& pr) {
+        const i64 s = std::max(pr.h, pr.w);
+        sp = (s + VL - 1) / VL * VL;
+        qs.assign(static_cast<size_t>(s * pr.dk), 0.0f);
+        kt.assign(static_cast<size_t>(pr.dk * sp), 0.0f);
+        vb.assign(static_cast<size_t>(s * pr.cp()), 0.0f);
+        p.assign(static_cast<size_t>(QB * sp), 0.0f);
+    }
+};
+
+// Weighted sum of the values for one block of QB queries and channels [cb, cb + NV * CV): acc[qi][n].
+template <int NV>
+inline void weighted_sum(const float* p, i64 sp, const float* vb, i64 cp, i64 cb, i64 s, vc (&acc)[QB][NV_MAX]) {
+    vc a[QB][NV];
+    for (i64 qi = 0; qi < QB; ++qi)
+        for (int n = 0; n < NV; ++n) a[qi][n] = vc{};
+    for (i64 j = 0; j < s; ++j) {
+        vc vv[NV];
+        for (int n = 0; n < NV; ++n) vv[n] = loadu<vc>(vb + j * cp + cb + n * CV);
+        for (i64 qi = 0; qi < QB; ++qi) {
+            const vc pj = splat_c(p[qi * sp + j]);
+            for (int n = 0; n < NV; ++n) a[qi][n] += pj * vv[n];
+        }
+    }
+    for (i64 qi = 0; qi < QB; ++qi)
+        for (int n = 0; n < NV; ++n) acc[qi][n] = a[qi][n];
+}
+
+// Attention along one sequence of length s: element t of q/k starts at q0 + t * sq (dk floats), of v at
+// v0 + t * sv and of out at o0 + t * sv (c floats). add: accumulate into out (second phase) instead of storing.
+void sequence(const Problem& pr, Workspace& ws, const float* q0, const float* k0, const float* v0, float* o0, i64 s,
+              i64 sq, i64 sv, bool add) {
+    const i64 dk = pr.dk, c = pr.c, cp = pr.cp(), sp = (s + VL - 1) / VL * VL;
+    float* qs = ws.qs.data();
+    float* kt = ws.kt.data();
+    float* vb = ws.vb.data();
+    float* p = ws.p.data();
+    for (i64 t = 0; t < s; ++t) {
+        for (i64 d = 0; d < dk; ++d) {
+            qs[t * dk + d] = q0[t * sq + d] * pr.alpha;
+            kt[d * sp + t] = k0[t * sq + d];
+        }
+        std::memcpy(vb + t * cp, v0 + t * sv, static_cast<size_t>(c) * sizeof(float));
+        for (i64 ch = c; ch < cp; ++ch) vb[t * cp + ch] = 0.0f;
+    }
+    for (i64 d = 0; d < dk; ++d)
+        for (i64 t = s; t < sp; ++t) kt[d * sp + t] = 0.0f;
+
+    vf iota;
+    for (i64 l = 0; l < VL; ++l) iota[l] = static_cast<float>(l);
+
+    for (i64 i0 = 0; i0 < s; i0 += QB) {
+        const i64 nq = std::min(QB, s - i0);
+        // Rows past the end repeat the last query, so every row of the block holds a valid softmax.
+        const float* qrow[QB];
+        for (i64 qi = 0; qi < QB; ++qi) qrow[qi] = qs + std::min(i0 + qi, s - 1) * dk;
+
+        // scores in log2 units, padding keys masked to -inf and the row maxima kept in registers (writing the
+        // padding with scalar stores would stall the vector loads that follow: no store forwarding)
+        vf mv[QB];
+        for (i64 qi = 0; qi < QB; ++qi) mv[qi] = splat(NEG_INF);
+        for (i64 jb = 0; jb < sp; jb += VL) {
+            vf acc[QB] = {};
+            for (i64 d = 0; d < dk; ++d) {
+                const vf kv = loadu<vf>(kt + d * sp + jb);
+                for (i64 qi = 0; qi < QB; ++qi) acc[qi] += splat(qrow[qi][d]) * kv;
+            }
+            if (jb + VL > s) {
+                const vi valid = iota + static_cast<float>(jb) < static_cast<float>(s);
+                for (i64 qi = 0; qi < QB; ++qi) acc[qi] = valid ? acc[qi] : splat(NEG_INF);
+            }
+            for (i64 qi = 0; qi < QB; ++qi) {
+                mv[qi] = acc[qi] > mv[qi] ? acc[qi] : mv[qi];
+                storeu(p + qi * sp + jb, acc[qi]);
+            }
+        }
+
+        // softmax numerators exp2(score - max) (exactly 0 for padding keys) and their sums
+        float inv[QB];
+        for (i64 qi = 0; qi < QB; ++qi) {
+            float* r = p + qi * sp;
+            float m = mv[qi][0];
+            for (i64 l = 1; l < VL; ++l) m = std::max(m, mv[qi][l]);
+            vf sum{};
+            for (i64 jb = 0; jb < sp; jb += VL) {
+                vf e = vexp2(loadu<vf>(r + jb) - m);
+                if (jb + VL > s) e = iota + static_cast<float>(jb) < static_cast<float>(s) ? e : vf{};
+                storeu(r + jb, e);
+                sum += e;
+            }
+            float total = 0.0f;
+            for (i64 l = 0; l < VL; ++l) total += sum[l];
+            inv[qi] = 1.0f / total;
+        }
+
+        // weighted sum over channel blocks of up to NV_MAX vectors, normalised on the way out
+        for (i64 cb = 0; cb < cp; cb += NV_MAX * CV) {
+            const int nv = static_cast<int>(std::min<i64>(NV_MAX, (cp - cb) / CV));
+            vc acc[QB][NV_MAX];
+            switch (nv) {
+                case 1: weighted_sum<1>(p, sp, vb, cp, cb, s, acc); break;
+                case 2: weighted_sum<2>(p, sp, vb, cp, cb, s, acc); break;
+                case 3: weighted_sum<3>(p, sp, vb, cp, cb, s, acc); break;
+                default: weighted_sum<4>(p, sp, vb, cp, cb, s, acc); break;
+            }
+            for (i64 qi = 0; qi < nq; ++qi) {
+                float* dst = o0 + (i0 + qi) * sv + cb;
+                const i64 n_ch = std::min<i64>(nv * CV, c - cb);
+                if (n_ch == nv * CV) {
+                    for (int n = 0; n < nv; ++n) {
+                        vc val = acc[qi][n] * inv[qi];
+                        if (add) val += loadu<vc>(dst + n * CV);
+                        storeu(dst + n * CV, val);
+                    }
+                } else {  // channel count not a multiple of CV: the last vector is partial
+                    float tmp[NV_MAX * CV];
+                    for (int n = 0; n < nv; ++n) storeu(tmp + n * CV, acc[qi][n] * inv[qi]);
+                    for (i64 ch = 0; ch < n_ch; ++ch) dst[ch] = add ? dst[ch] + tmp[ch] : tmp[ch];
+                }
+            }
+        }
+    }
+}
+
+// Phase 0: row (b, i), along the width; phase 1: column (b, j), along the height.
+void row_task(const Problem& pr, Workspace& ws, i64 task) {
+    const i64 base = task * pr.w;  // (b * h + i) * w
+    sequence(pr, ws, pr.q + base * pr.dk, pr.k + base * pr.dk, pr.v + base * pr.c, pr.out + base * pr.c, pr.w,
+             pr.dk, pr.c, false);
+}
+
+void column_task(const Problem& pr, Workspace& ws, i64 task) {
+    const i64 b = task / pr.w, j = task % pr.w;
+    const i64 base = b * pr.h * pr.w + j;
+    sequence(pr, ws, pr.q + base * pr.dk, pr.k + base * pr.dk, pr.v + base * pr.c, pr.out + base * pr.c, pr.h,
+             pr.w * pr.dk, pr.w * pr.c, true);
+}
+
+int run(const Problem& pr, int threads) {
+    const i64 rows = pr.batch * pr.h, columns = pr.batch * pr.w;
+    const i64 work = pr.batch * pr.h * pr.w * (pr.h + pr.w) * (pr.dk + pr.c + 16);  // ~16 for the exp
+    const i64 wanted = std::min<i64>(std::max(threads, 1), std::max<i64>(1, work / WORK_PER_THREAD));
+    const int team = static_cast<int>(std::min(wanted, std::max(rows, columns)));
+    std::vector<Workspace> spaces;
+    try {
+        spaces.resize(static_cast<size_t>(team));
+        for (auto& ws : spaces) ws.allocate(pr);
+    } catch (...) {
+        return 5;
+    }
+#ifdef _OPENMP
+    // Built with -fopenmp, the library shares the process's OpenMP runtime (soname libgomp.so.1), i.e. PyTorch's
+    // intra-op threads: right after a PyTorch op they are still spinning, and threads of our own would compete with
+    // them for the cores. The implicit barrier after the first loop orders rows before columns.
+#pragma omp parallel num_threads(team)
+    {
+        FlushDenormals ftz;
+        Workspace& ws = spaces[static_cast<size_t>(omp_get_thread_num())];
+#pragma omp for schedule(dynamic, 1)
+        for (i64 t = 0; t < rows; ++t) row_task(pr, ws, t);
+#pragma omp for schedule(dynamic, 1)
+        for (i64 t = 0; t < columns; ++t) column_task(pr, ws, t);
+    }
+#else
+    std::atomic<i64> next_row{0}, next_column{0};
+    Barrier barrier;
+    auto worker = [&](Workspace& ws) noexcept {
+        FlushDenormals ftz;
+        for (i64 t = next_row.fetch_add(1); t < rows; t = next_row.fetch_add(1)) row_task(pr, ws, t);
+        barrier.arrive_and_wait();  // the columns add to what the rows wrote
+        for (i64 t = next_column.fetch_add(1); t < columns; t = next_column.fetch_add(1)) column_task(pr, ws, t);
+    };
+    std::vector<std::thread> pool;
+    try {
+        for (int i = 1; i < team; ++i) pool.emplace_back(worker, std::ref(spaces[static_cast<size_t>(i)]));
+    } catch (...) {  // no more threads: the ones running take the remaining tasks
+    }
+    barrier.set_size(static_cast<int>(pool.size()) + 1);
+    worker(spaces[0]);
+    for (auto& t : pool) t.join();
+#endif
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int ecmnet_attn_abi_version() {
+    return ABI_VERSION;
+}
+
+// Lanes of the key vectors of this build (16 with AVX-512, 8 with AVX, else 4): tests cover partial vectors with it.
+int ecmnet_attn_lanes() {
+    return static_cast<int>(VL);
+}
+
+// out = out_w + out_h as described at the top. Returns 0 on success, 1 for invalid sizes (batch, h, w < 0 or
+// dk, c < 1), 2 for a null pointer with a non-empty problem, 5 when the workspaces cannot be allocated.
+// threads: at most this many threads (fewer for small problems); < 1 counts as 1.
+int ecmnet_axial_attention(const float* q, const float* k, const float* v, float* out, int64_t batch, int64_t dk,
+                           int64_t c, int64_t h, int64_t w, float scale, int threads) {
+    if (batch < 0 || h < 0 || w < 0 || dk < 1 || c < 1) return 1;
+    if (batch == 0 || h == 0 || w == 0) return 0;
+    if (!q || !k || !v || !out) return 2;
+    const Problem pr{q, k, v, out, batch, dk, c, h, w, scale * LOG2E};
+    return run(pr, threads);
+}
+
+}  // extern "C"
