@@ -41,19 +41,21 @@ class PathSpec:
     engine: str = "torch"
     dtype: str = "fp32"
     channels_last: bool = True
-    fold_bn: bool = True
+    optimize: bool = True
     compile: bool = False
     cuda_graphs: bool = False
+    jit: bool = True
     kernels: bool = True  # compiled scan/attention kernels where the device has them
     cuda_only: bool = False
 
 
 PATHS: dict[str, PathSpec] = {
     BASELINE: PathSpec("eager fp32 PyTorch, NCHW, pure-PyTorch scan and attention (baseline)", engine="eager",
-                       channels_last=False, fold_bn=False, kernels=False),
+                       channels_last=False, optimize=False, kernels=False),
     "eager-kernels": PathSpec("eager fp32, NCHW, with the compiled scan/attention kernels", engine="eager",
-                              channels_last=False, fold_bn=False),
-    "torch": PathSpec("Segmenter default: BN folded, channels-last, compiled kernels"),
+                              channels_last=False, optimize=False),
+    "torch-eager": PathSpec("inference rewrites, channels-last, compiled kernels; eager", jit=False),
+    "torch": PathSpec("Segmenter default: torch-eager + TorchScript trace on CPU"),
     "torch-compile": PathSpec("torch + torch.compile (inductor)", compile=True),
     "onnxruntime": PathSpec("ONNX Runtime (exported graph, scan as an ONNX Scan)", engine="onnxruntime"),
     "torch-fp16": PathSpec("torch + fp16 autocast", dtype="fp16", cuda_only=True),
@@ -61,7 +63,7 @@ PATHS: dict[str, PathSpec] = {
     "torch-fp16-graphs": PathSpec("torch + fp16 autocast + CUDA graphs", dtype="fp16", cuda_graphs=True,
                                   cuda_only=True),
 }
-DEFAULT_CPU_PATHS = ("eager", "eager-kernels", "torch", "onnxruntime")
+DEFAULT_CPU_PATHS = ("eager", "eager-kernels", "torch-eager", "torch", "onnxruntime")
 DEFAULT_CUDA_PATHS = ("eager", "torch", "torch-fp16", "torch-bf16", "torch-fp16-graphs", "onnxruntime")
 DEFAULT_SIZES = ((360, 480), (512, 1024), (1024, 2048))
 
@@ -115,8 +117,8 @@ def build_path(name: str, ckpt: Checkpoint, device: torch.device, size: tuple[in
     if spec.engine == "onnxruntime":
         return OnnxRuntimeEngine(onnx_model_for(ckpt, checkpoint_hash, size, onnx_cache), device, spec.dtype)
     engine = TorchEngine(ckpt, device, TorchEngineOptions(
-        dtype=spec.dtype, channels_last=spec.channels_last, fold_bn=spec.fold_bn, compile=spec.compile,
-        cuda_graphs=spec.cuda_graphs))
+        dtype=spec.dtype, channels_last=spec.channels_last, optimize=spec.optimize, compile=spec.compile,
+        cuda_graphs=spec.cuda_graphs, jit=spec.jit))
     if not spec.kernels:
         _set_kernels(engine.model, False)
     return engine

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ecmnet_core.model import DDA, VARIANTS, SelectiveScan, build_model
 from ecmnet_core.model.ecmnet import ModelConfig
+from ecmnet_core.ops.axial_attention import set_attention_backend
 
 #: The paper's published cost (19 classes, 1x3x512x1024, GMac counted with its ptflops copy).
 PAPER_PARAMS = 0.87e6
@@ -226,7 +227,10 @@ def full_macs(model: nn.Module, input_size: tuple[int, int]) -> FullCount:
     x = torch.zeros(1, 3, *input_size, device=device)
     scan_names = {name for name, m in model.named_modules() if isinstance(m, SelectiveScan)}
     dda_names = {name for name, m in model.named_modules() if isinstance(m, DDA)}
+    saved_backends = {m: m.backend for m in model.modules() if isinstance(m, DDA)}
     try:
+        # fvcore counts the PyTorch attention (a trace would otherwise record the CPU kernel's opaque custom op)
+        set_attention_backend(model, "torch")
         # one traced forward: fvcore's graph, and the hooks' scan and attention shapes
         with (torch.no_grad(), stubbed_scans(model) as scan_calls, recorded_attention(model) as attention_calls,
               warnings.catch_warnings()):
@@ -239,6 +243,8 @@ def full_macs(model: nn.Module, input_size: tuple[int, int]) -> FullCount:
             by_operator = {k: int(v) for k, v in analysis.by_operator().items()}
     finally:
         model.train(was_training)
+        for module, backend in saved_backends.items():
+            module.backend = backend
     # the stub is elementwise-only, but take out whatever fvcore may still have attributed to the scans
     stub_seen = sum(int(by_module.get(name, 0)) for name in scan_names)
     total -= stub_seen

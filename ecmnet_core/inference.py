@@ -48,9 +48,10 @@ class InferenceConfig:
     scan_backend: str | None = None
     backend: str = "torch"  # torch | onnxruntime
     dtype: str = "fp32"  # fp32 | fp16 | bf16 (CUDA autocast)
-    fold_bn: bool = True
+    optimize: bool = True
     compile: bool = False
     cuda_graphs: bool = False
+    jit: bool = True  # CPU: TorchScript trace per input size
 
     @property
     def precision(self) -> str:
@@ -144,8 +145,9 @@ class Segmenter:
             if "onnx_file" in ckpt.metadata:
                 raise ValueError(f"{ckpt.metadata['onnx_file']} is an ONNX model: run it with backend onnxruntime")
             return TorchEngine(ckpt, self.device, TorchEngineOptions(
-                dtype=config.precision, channels_last=config.channels_last, fold_bn=config.fold_bn,
-                compile=config.compile, cuda_graphs=config.cuda_graphs, scan_backend=config.scan_backend))
+                dtype=config.precision, channels_last=config.channels_last, optimize=config.optimize,
+                compile=config.compile, cuda_graphs=config.cuda_graphs, jit=config.jit,
+                scan_backend=config.scan_backend))
         if self.input_size is None:
             raise ValueError("backend onnxruntime needs a fixed input_size (an ONNX export is made for one size), "
                              "not the native image size")
@@ -301,8 +303,10 @@ def add_segmenter_arguments(parser: argparse.ArgumentParser | argparse._Argument
     parser.add_argument("--fp16", action="store_true", help="same as --dtype fp16")
     parser.add_argument("--scan-backend", default=None,
                         help="selective-scan backend (mamba, triton, cpp, torch, reference; default automatic)")
-    parser.add_argument("--no-fold-bn", action="store_true", help="torch backend: keep the batch norms separate")
+    parser.add_argument("--no-optimize", action="store_true",
+                        help="torch backend: no inference rewrites (BN folding, classifier before the last upsampling)")
     parser.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model first")
+    parser.add_argument("--no-jit", action="store_true", help="torch backend on CPU: no TorchScript trace")
 
 
 def inference_config_from_args(args: argparse.Namespace, **overrides) -> InferenceConfig:
@@ -313,6 +317,6 @@ def inference_config_from_args(args: argparse.Namespace, **overrides) -> Inferen
         input_size = tuple(args.input_size) if args.input_size else None
     values = dict(checkpoint=getattr(args, "checkpoint", None), device=args.device, fp16=args.fp16,
                   dtype=args.dtype, input_size=input_size, warmup=0, scan_backend=args.scan_backend,
-                  backend=args.backend, fold_bn=not args.no_fold_bn, compile=args.compile)
+                  backend=args.backend, optimize=not args.no_optimize, compile=args.compile, jit=not args.no_jit)
     values.update(overrides)
     return InferenceConfig(**values)

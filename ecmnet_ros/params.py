@@ -77,10 +77,13 @@ PARAMS: tuple[ParamSpec, ...] = (
               "input_size once and caches it)", choices=ENGINES),
     ParamSpec("dtype", STRING, "fp32", CONFIGURE, "fp32, or fp16/bf16 autocast (CUDA only; fp16 also via fp16: true)",
               choices=("fp32", "fp16", "bf16")),
-    ParamSpec("fold_bn", BOOL, True, CONFIGURE, "torch backend: fold batch norms into the convolutions"),
+    ParamSpec("optimize", BOOL, True, CONFIGURE, "torch backend: inference rewrites (batch norms folded into the "
+              "convolutions, classifier before the last upsampling): same function, less work"),
     ParamSpec("compile", BOOL, False, CONFIGURE,
               "torch backend: torch.compile the model (minutes of compilation on configure; cached by inductor)"),
     ParamSpec("cuda_graphs", BOOL, False, CONFIGURE, "torch backend on CUDA: replay captured CUDA graphs"),
+    ParamSpec("jit", BOOL, True, CONFIGURE, "torch backend on CPU: run a TorchScript trace (one per input size, "
+              "made on the first frame / warm-up)"),
     # ---- topics (configure)
     ParamSpec("image_topics", STRING_ARRAY, None, CONFIGURE,
               "several cameras served by one model: input topics, each camera's outputs go to "

@@ -550,8 +550,8 @@ def config_from_args(args: argparse.Namespace) -> LiveReplayConfig:
     params = {"checkpoint": args.checkpoint or "", "model": args.model or "", "device": args.device,
               "scan_backend": args.scan_backend or "", "channels_last": InferenceConfig().channels_last,
               "input_size": list(args.input_size) if args.input_size else None, "backend": args.backend,
-              "dtype": "fp16" if args.fp16 else args.dtype, "fold_bn": not args.no_fold_bn,
-              "compile": args.compile}
+              "dtype": "fp16" if args.fp16 else args.dtype, "optimize": not args.no_optimize,
+              "compile": args.compile, "jit": not args.no_jit}
     if args.num_classes:
         params["num_classes"] = args.num_classes
     return LiveReplayConfig(

@@ -154,8 +154,8 @@ class SegmenterNode(LifecycleNode):
                                num_classes=get("num_classes"), device=get("device"), fp16=get("fp16"),
                                channels_last=get("channels_last"), input_size=tuple(size) if size else None,
                                warmup=get("warmup"), scan_backend=get("scan_backend") or None, backend=get("backend"),
-                               dtype=get("dtype"), fold_bn=get("fold_bn"), compile=get("compile"),
-                               cuda_graphs=get("cuda_graphs"))
+                               dtype=get("dtype"), optimize=get("optimize"), compile=get("compile"),
+                               cuda_graphs=get("cuda_graphs"), jit=get("jit"))
 
     def _publish_class_names(self, names: list[str]) -> None:
         desc = ParameterDescriptor(name=CLASS_NAMES, type=Parameter.Type.STRING_ARRAY.value, read_only=True,

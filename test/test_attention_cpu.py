@@ -1,9 +1,9 @@
 """Compiled CPU axial attention (``cpp`` backend of DDA): the kernel against float64 PyTorch math for the key widths,
 channel counts and map sizes DDA uses (1xN, Nx1, odd sizes, partial SIMD vectors, batch 2, both memory formats),
 softmax stability for large logits, several thread counts, input validation; DDA with the kernel equal to DDA with
-PyTorch; the dispatcher (autograd keeps PyTorch and correct gradients, tracing keeps PyTorch, the environment variable
-and the per-model setting); the fallback when the library cannot be built, and the shared build machinery. Kernel
-tests skip when no compiler can build the library."""
+PyTorch; the dispatcher (autograd keeps PyTorch and correct gradients, tracing records the custom op, the
+environment variable and the per-model setting); the fallback when the library cannot be built, and the shared
+build machinery. Kernel tests skip when no compiler can build the library."""
 
 from __future__ import annotations
 
@@ -210,10 +210,15 @@ def test_no_grad_and_tracing_choices(lanes: int) -> None:
     x = torch.randn(1, 8, 5, 6)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is deprecated; ONNX export still uses it
-        traced = torch.jit.trace(m, x)  # must record PyTorch ops, not an opaque ctypes call
-    graph = str(traced.graph)
-    assert "aten::bmm" in graph and "aten::softmax" in graph
+        traced = torch.jit.trace(m, x)  # records the kernel as its custom op, not an opaque ctypes call
+    graph = str(traced.inlined_graph)
+    assert "ecmnet::axial_attention_cpu" in graph and "aten::softmax" not in graph
     torch.testing.assert_close(traced(x), m(x), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(m, x, check_trace=False)  # with autograd: PyTorch ops (the check runs without)
+    assert "aten::softmax" in str(traced.inlined_graph)
 
 
 def test_environment_variable_and_model_setting(lanes: int, monkeypatch) -> None:

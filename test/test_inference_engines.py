@@ -14,7 +14,7 @@ from torch import nn
 from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
 from ecmnet_core.inference import InferenceConfig, Segmenter, random_checkpoint
 from ecmnet_core.model import build_model
-from ecmnet_core.model.fuse import fold_batchnorm
+from ecmnet_core.model.fuse import fold_batchnorm, optimize_for_inference
 from ecmnet_core.model.layers import adaptive_avg_pool
 from ecmnet_core.ops.selective_scan import selective_scan_export, selective_scan_ref
 
@@ -59,10 +59,13 @@ def test_fold_batchnorm_keeps_outputs_and_leaves_the_original() -> None:
     after = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert folded.folded_batchnorms == before - after and after < before / 2
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == before
+    optimized = optimize_for_inference(model)  # + classifier before the final upsampling
+    assert optimized.classify_before_upsample and not model.classify_before_upsample
     x = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
-        ref, out = model(x), folded(x)
-    assert torch.allclose(out, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+        ref = model(x)
+        for out in (folded(x), optimized(x)):
+            assert torch.allclose(out, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
 
 
 def test_matrix_adaptive_pooling_equals_torch(monkeypatch) -> None:
@@ -166,9 +169,9 @@ def test_torch_engine_options_keep_labels() -> None:
     """The torch engine's rewrites (BN folding, channels-last) do not change the labels of the trained model."""
     _need_checkpoint()
     image = _street_image()
-    plain = Segmenter(InferenceConfig(device="cpu", input_size=SIZE, warmup=0, fold_bn=False, channels_last=False))
+    plain = Segmenter(InferenceConfig(device="cpu", input_size=SIZE, warmup=0, optimize=False, channels_last=False))
     fast = Segmenter(InferenceConfig(device="cpu", input_size=SIZE, warmup=0))
-    assert "bn-folded" in fast.describe()["optimisations"]
+    assert "optimized" in fast.describe()["optimisations"]
     assert (plain.segment(image).labels == fast.segment(image).labels).mean() >= 0.999
     ckpt = load_checkpoint()
     assert plain.num_classes == ckpt.num_classes

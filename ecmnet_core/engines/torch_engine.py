@@ -1,34 +1,40 @@
 """The PyTorch inference engine: the eager model, made faster without changing what it computes.
 
-* batch-norm folded into the preceding convolutions (:func:`ecmnet_core.model.fuse.fold_batchnorm`);
+* inference rewrites (:func:`ecmnet_core.model.fuse.optimize_for_inference`): batch norms folded into the preceding
+  convolutions, the 1x1 classifier applied before the last bilinear upsampling;
 * channels-last memory format (the depthwise and 1x1 convolutions of EDAB run faster that way on CPU);
 * fp16/bf16 autocast on CUDA (the selective scan itself always runs in fp32);
+* on the CPU a TorchScript trace per input size (``jit``, default): the same ops without the Python overhead of
+  ~1,500 module calls per frame (the compiled kernels are recorded as the custom ops ``torch.ops.ecmnet.*``);
 * optional ``torch.compile`` (inductor; minutes of compilation on a small CPU, cached on disk by inductor);
 * optional CUDA graphs: one captured graph per input shape, replayed with a static input buffer.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ecmnet_core.checkpoint import Checkpoint
-from ecmnet_core.model.fuse import fold_batchnorm
+from ecmnet_core.model.fuse import optimize_for_inference
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class TorchEngineOptions:
-    """``dtype`` fp32 | fp16 | bf16 (the latter two CUDA only, as autocast); ``fold_bn`` folds batch norms."""
+    """``dtype`` fp32 | fp16 | bf16 (the latter two CUDA only, as autocast); ``optimize`` applies the inference
+    rewrites of :func:`ecmnet_core.model.fuse.optimize_for_inference`."""
 
     dtype: str = "fp32"
     channels_last: bool = True
-    fold_bn: bool = True
+    optimize: bool = True
     compile: bool = False
     cuda_graphs: bool = False
+    jit: bool = True  # CPU only: TorchScript trace per input size
     scan_backend: str | None = None
 
 
@@ -47,8 +53,8 @@ class TorchEngine:
             raise ValueError(f"cuda_graphs needs a CUDA device, not {device}")
         self.device = device
         model = ckpt.build_model(scan_backend=opts.scan_backend).eval()
-        if opts.fold_bn:
-            model = fold_batchnorm(model, inplace=True)
+        if opts.optimize:
+            model = optimize_for_inference(model, inplace=True)
         model = model.to(device)
         if opts.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -58,6 +64,9 @@ class TorchEngine:
         self._forward = torch.compile(model, dynamic=False) if opts.compile else model
         self._amp_dtype = DTYPES[opts.dtype]
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        # tracing on CUDA would record the plain scan loop (the CUDA kernels are not custom ops); torch.compile wins
+        self._jit = opts.jit and device.type == "cpu" and not opts.compile
+        self._traces: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
 
     @property
     def dtype(self) -> str:
@@ -74,8 +83,26 @@ class TorchEngine:
             batch = batch.contiguous(memory_format=torch.channels_last)
         if self.options.cuda_graphs:
             return self._replay(batch)
+        if self._jit:
+            return self._traced(batch)
         with self._autocast():
             return self._forward(batch).float()
+
+    def _traced(self, batch: Tensor) -> Tensor:
+        key = tuple(batch.shape)
+        module = self._traces.get(key)
+        if module is None:
+            try:
+                with warnings.catch_warnings():  # torch.jit.trace is deprecated; shape TracerWarnings are expected
+                    warnings.simplefilter("ignore")
+                    module = torch.jit.trace(self.model, (batch,), check_trace=False)
+            except Exception as exc:  # an untraceable model keeps working, eagerly
+                warnings.warn(f"TorchScript trace failed ({exc}); running the model eagerly", RuntimeWarning,
+                              stacklevel=3)
+                self._jit = False
+                return self._forward(batch).float()
+            self._traces[key] = module
+        return module(batch).float()
 
     def _replay(self, batch: Tensor) -> Tensor:
         key = tuple(batch.shape)
@@ -100,6 +127,7 @@ class TorchEngine:
     def park(self) -> None:
         """Move the weights to the CPU (frees GPU memory while a node is inactive); captured graphs are dropped."""
         self._graphs.clear()
+        self._traces.clear()
         self.model.to("cpu")
 
     def unpark(self) -> None:
@@ -107,6 +135,7 @@ class TorchEngine:
 
     def describe(self) -> dict[str, str]:
         o = self.options
-        flags = [name for name, on in (("bn-folded", o.fold_bn), ("channels-last", o.channels_last),
-                                       ("compiled", o.compile), ("cuda-graphs", o.cuda_graphs)) if on]
+        flags = [name for name, on in (("optimized", o.optimize), ("channels-last", o.channels_last),
+                                       ("traced", self._jit), ("compiled", o.compile),
+                                       ("cuda-graphs", o.cuda_graphs)) if on]
         return {"backend": "torch", "optimisations": ", ".join(flags) or "none"}

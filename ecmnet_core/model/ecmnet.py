@@ -92,6 +92,11 @@ class ECMNet(nn.Module):
     Bottleneck: FFM over [M1, M2, M3, E3]. Decoder: EDABs + transposed convs back to 1/2, PA, head.
     """
 
+    #: The bias-free 1x1 classifier and the bilinear upsampling are both linear, so they commute: applying the
+    #: classifier first (at 1/2 resolution, on num_classes instead of 16 channels) is the same function with less
+    #: work. Off by default so that the cost tables count the paper's layer order; inference turns it on.
+    classify_before_upsample: bool = False
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -172,6 +177,8 @@ class ECMNet(nn.Module):
         if self.long is not None:
             y = y + self.long[2](skips[0])
         y = self.bn1(self.pa(resize_to(self.up1(y), stem)))
+        if self.classify_before_upsample:
+            return F.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
         y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.classifier(y)
 

@@ -1,4 +1,5 @@
-"""Inference-time rewrites that keep the function but drop work: batch-norm folded into the preceding convolution.
+"""Inference-time rewrites that keep the function but drop work (:func:`optimize_for_inference`): batch norms folded
+into the preceding convolutions, and the 1x1 classifier moved before the final bilinear upsampling.
 
 In eval mode a BatchNorm is a per-channel affine map y = s * x + t (s = gamma / sqrt(var + eps),
 t = beta - s * mean). When it directly follows a convolution, the affine map moves into the convolution's weights
@@ -70,4 +71,13 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     return model
 
 
-__all__ = ["fold_batchnorm"]
+def optimize_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Every inference rewrite: :func:`fold_batchnorm`, and the classifier applied before the final upsampling
+    (``ECMNet.classify_before_upsample``: linear maps commute). Same function up to float rounding; eval mode."""
+    model = fold_batchnorm(model, inplace=inplace)
+    if hasattr(model, "classify_before_upsample"):
+        model.classify_before_upsample = True
+    return model
+
+
+__all__ = ["fold_batchnorm", "optimize_for_inference"]

@@ -93,8 +93,12 @@ class PA(nn.Module):
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
-    """ShuffleNet channel shuffle: (B, g*k, H, W) -> interleave the g groups."""
+    """ShuffleNet channel shuffle: (B, g*k, H, W) -> interleave the g groups. Keeps a channels-last input
+    channels-last (otherwise every EDAB would hand NCHW to the next block and force layout conversions)."""
     b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        nhwc = x.permute(0, 2, 3, 1).reshape(b, h, w, groups, c // groups).transpose(3, 4).reshape(b, h, w, c)
+        return nhwc.permute(0, 3, 1, 2)
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 

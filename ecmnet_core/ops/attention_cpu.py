@@ -68,6 +68,7 @@ def load_library() -> ctypes.CDLL | None:
     return _LOADER.load()
 
 
+@torch.compiler.assume_constant_result  # torch.compile: decide once at trace time, no graph break
 def is_available() -> bool:
     """True when the compiled kernel can be used (builds it on first call)."""
     return load_library() is not None
@@ -131,3 +132,19 @@ def axial_attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
 
 __all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "axial_attention_cpu", "build_info", "is_available",
            "load_library"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch custom op: lets torch.compile keep the kernel inside its graph (an opaque call) instead of breaking the graph
+
+
+@torch.library.custom_op("ecmnet::axial_attention_cpu", mutates_args=())
+def axial_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """:func:`axial_attention_cpu` as ``torch.ops.ecmnet.axial_attention_cpu`` (no autograd)."""
+    return axial_attention_cpu(q, k, v, scale)
+
+
+@axial_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    b, c, h, w = v.shape
+    return v.new_empty(b, h, w, c).permute(0, 3, 1, 2)

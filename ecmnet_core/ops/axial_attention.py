@@ -13,7 +13,8 @@ Backends:
 
 Choice: the ``backend`` argument (DDA passes its ``backend`` attribute), else the ``ECMNET_ATTENTION_BACKEND``
 environment variable (``torch``, ``cpp`` or ``auto``), else ``auto``. ``auto`` picks ``cpp`` for fp32 CPU tensors
-when no gradient is needed, nothing is being traced, scripted, ONNX-exported or compiled, and the library builds;
+when no gradient is needed, nothing is being scripted or ONNX-exported, and the library builds (a TorchScript
+trace or ``torch.compile`` records the kernel as the custom op ``torch.ops.ecmnet.axial_attention_cpu``);
 ``torch`` otherwise. ``cpp`` requested explicitly raises ValueError for non-CPU or non-fp32 tensors, and still uses
 ``torch`` where the kernel would give a wrong answer (an autograd graph is needed, or a graph is being recorded) or
 cannot be built (after the loader's one warning).
@@ -55,9 +56,9 @@ def axial_attention_torch(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tens
 
 
 def _recording() -> bool:
-    """True while a graph is traced, scripted, ONNX-exported or compiled: the opaque kernel must not be recorded."""
-    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling())
+    """True while scripting or exporting to ONNX, where the kernel cannot be part of the graph. A TorchScript trace
+    or torch.compile records it as the custom op ``torch.ops.ecmnet.axial_attention_cpu``."""
+    return torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
 
 
 def _needs_autograd(*tensors: Tensor) -> bool:
@@ -91,7 +92,7 @@ def axial_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str 
     The ``cpp`` result is in channels_last memory format; the ``torch`` result has the layout its inputs produce.
     """
     if resolve_backend(q, k, v, backend) == "cpp":
-        return attention_cpu.axial_attention_cpu(q, k, v, scale)
+        return attention_cpu.axial_attention_op(q, k, v, float(scale))
     return axial_attention_torch(q, k, v, scale)
 
 

@@ -90,6 +90,8 @@ class LibraryLoader(cbuild.LibraryLoader):
     opener: cbuild.Opener | None = field(default=_open, kw_only=True, repr=False)
     cache_name: str = field(default=CACHE_NAME, kw_only=True)
     what: str = field(default="compiled CPU selective scan", kw_only=True)
+    # OpenMP first: the kernel then runs on PyTorch's intra-op threads (see csrc: run_tasks)
+    extra_flags: tuple[str, ...] = field(default=("-fopenmp",), kw_only=True)
 
 
 _LOADER = LibraryLoader()
@@ -100,6 +102,7 @@ def load_library() -> ctypes.CDLL | None:
     return _LOADER.load()
 
 
+@torch.compiler.assume_constant_result  # torch.compile: decide once at trace time, no graph break
 def is_available() -> bool:
     """True when the compiled kernel can be used (builds it on first call)."""
     return load_library() is not None
@@ -219,8 +222,7 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     Raises:
         RuntimeError if the library cannot be built (callers normally go through the dispatcher, which falls back).
     """
-    lib = load_library()
-    if lib is None:
+    if not is_available():
         raise RuntimeError(f"compiled CPU selective scan unavailable: {_LOADER.error}")
     tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
     for name, t in tensors.items():
@@ -249,7 +251,23 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
             _vector(delta_bias, "delta_bias", dim))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
         out, last = _CpuScan.apply(*args, bool(delta_softplus), int(chunk))
-    else:  # inference: no stored states, no autograd node
-        out, last, _ = _forward(lib, *args, bool(delta_softplus), int(chunk), False)
+    elif not return_last_state:  # inference: no stored states, no autograd node; a custom op for torch.compile
+        out, last = scan_infer_op(*args, bool(delta_softplus)), None
+    else:
+        out, last, _ = _forward(load_library(), *args, bool(delta_softplus), int(chunk), False)
     out = out.to(dtype_in)
     return (out, last) if return_last_state else out
+
+
+@torch.library.custom_op("ecmnet::selective_scan_cpu", mutates_args=())
+def scan_infer_op(u: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, D: Tensor | None, z: Tensor | None,
+                  delta_bias: Tensor | None, softplus: bool) -> Tensor:
+    """The inference scan as ``torch.ops.ecmnet.selective_scan_cpu`` (contiguous fp32 inputs, B/C time-major), so
+    that torch.compile keeps it as one opaque node of its graph."""
+    out, _, _ = _forward(load_library(), u, delta, A, Bt, Ct, D, z, delta_bias, softplus, DEFAULT_CHUNK, False)
+    return out
+
+
+@scan_infer_op.register_fake
+def _(u, delta, A, Bt, Ct, D, z, delta_bias, softplus):
+    return torch.empty_like(u)

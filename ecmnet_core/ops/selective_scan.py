@@ -367,10 +367,14 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         raise ValueError("complex A is not supported")
     if torch.onnx.is_in_onnx_export() and not return_last_state:
         return selective_scan_export(u, delta, A, B, C, D, z, delta_bias, delta_softplus).to(u.dtype)
-    if _exporting():
-        # A traced graph cannot hold the custom autograd.Function; the plain loop traces (and unrolls).
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     name = resolve_backend(backend, u.device)
+    if _exporting():
+        # A TorchScript trace records the inference kernel as the custom op torch.ops.ecmnet.selective_scan_cpu;
+        # it cannot hold the custom autograd.Functions, so anything else traces the plain loop (and unrolls it).
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z))
+        if name == "cpp" and torch.jit.is_tracing() and not grad and not return_last_state:
+            return scan_cpu.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "mamba":
         return _scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "triton":

@@ -27,6 +27,10 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -171,6 +175,15 @@ bool run_tasks(i64 ntasks, int nthreads, i64 work, const Body& body) {
     };
     const i64 wanted = std::min<i64>(std::max(nthreads, 1), work / TILE_STEPS_PER_THREAD);
     const int team = static_cast<int>(std::max<i64>(1, std::min(wanted, ntasks)));
+#ifdef _OPENMP
+    // Built with -fopenmp the library shares the process's OpenMP runtime, i.e. PyTorch's intra-op threads: right
+    // after a PyTorch op they are still spinning, and a team of our own would compete with them for the cores.
+    if (team > 1) {
+#pragma omp parallel num_threads(team)
+        worker();
+        return !failed;
+    }
+#endif
     std::vector<std::thread> threads;
     try {
         for (int i = 1; i < team; ++i) threads.emplace_back(worker);
