@@ -19,15 +19,14 @@ from torch import Tensor
 
 from ecmnet_core.checkpoint import Checkpoint
 from ecmnet_core.export import DEFAULT_OPSET, ONNX_FORMAT, export_checkpoint
+from ecmnet_core.ops.cbuild import cache_dir
 
 _INSTALL_HINT = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT), and onnx"
 
 
 def onnx_cache_dir() -> Path:
-    root = os.environ.get("ECMNET_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / \
-        "ecmnet"
-    return base / "onnx"
+    """``$ECMNET_CACHE_DIR/onnx`` (default ``~/.cache/ecmnet/onnx``), next to the compiled kernels."""
+    return cache_dir("onnx")
 
 
 def onnx_model_for(ckpt: Checkpoint, checkpoint_hash: str, input_size: tuple[int, int],

@@ -22,6 +22,8 @@ from ecmnet_core.checkpoint import Checkpoint
 from ecmnet_core.model.fuse import optimize_for_inference
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Traced modules kept per engine (one per input shape; a fixed network size needs one).
+MAX_TRACES = 8
 
 
 @dataclass
@@ -101,6 +103,8 @@ class TorchEngine:
                               stacklevel=3)
                 self._jit = False
                 return self._forward(batch).float()
+            if len(self._traces) >= MAX_TRACES:  # native-size input with many sizes: keep the newest few
+                self._traces.pop(next(iter(self._traces)))
             self._traces[key] = module
         return module(batch).float()
 
