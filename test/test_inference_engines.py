@@ -175,3 +175,31 @@ def test_torch_engine_options_keep_labels() -> None:
     assert (plain.segment(image).labels == fast.segment(image).labels).mean() >= 0.999
     ckpt = load_checkpoint()
     assert plain.num_classes == ckpt.num_classes
+
+
+def test_cpu_trace_per_input_size_and_eager_fallback(monkeypatch) -> None:
+    """On the CPU the torch engine runs one TorchScript trace per input size (recording the compiled kernels as
+    custom ops), equal to the eager engine; if tracing fails it warns and keeps running eagerly."""
+    from ecmnet_core.engines import TorchEngine, TorchEngineOptions
+
+    ckpt = random_checkpoint("ecmnet", 3)
+    traced = TorchEngine(ckpt, torch.device("cpu"))
+    eager = TorchEngine(ckpt, torch.device("cpu"), TorchEngineOptions(jit=False))
+    gen = torch.Generator().manual_seed(4)
+    for size in (SIZE, (64, 96), SIZE):
+        x = torch.randn(1, 3, *size, generator=gen)
+        torch.testing.assert_close(traced.logits(x), eager.logits(x), rtol=1e-4, atol=1e-4)
+    assert sorted(traced._traces) == [(1, 3, 64, 96), (1, 3, *SIZE)]
+    assert "traced" in traced.describe()["optimisations"] and "traced" not in eager.describe()["optimisations"]
+    graph = str(traced._traces[(1, 3, *SIZE)].inlined_graph)
+    assert "ecmnet::axial_attention_cpu" in graph and "ecmnet::selective_scan_cpu" in graph
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot trace")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    fresh = TorchEngine(ckpt, torch.device("cpu"))
+    x = torch.randn(1, 3, *SIZE, generator=gen)
+    with pytest.warns(RuntimeWarning, match="running the model eagerly"):
+        out = fresh.logits(x)
+    torch.testing.assert_close(out, eager.logits(x), rtol=1e-4, atol=1e-4)
