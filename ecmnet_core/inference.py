@@ -51,7 +51,7 @@ class InferenceConfig:
     optimize: bool = True
     compile: bool = False
     cuda_graphs: bool = False
-    jit: bool = True  # CPU: TorchScript trace per input size
+    jit: bool = True  # CPU with a fixed input_size: TorchScript trace (made during warm-up)
 
     @property
     def precision(self) -> str:
@@ -146,7 +146,9 @@ class Segmenter:
                 raise ValueError(f"{ckpt.metadata['onnx_file']} is an ONNX model: run it with backend onnxruntime")
             return TorchEngine(ckpt, self.device, TorchEngineOptions(
                 dtype=config.precision, channels_last=config.channels_last, optimize=config.optimize,
-                compile=config.compile, cuda_graphs=config.cuda_graphs, jit=config.jit,
+                compile=config.compile, cuda_graphs=config.cuda_graphs,
+                # native-size runs stay eager: each new image size would cost a trace on a live frame
+                jit=config.jit and self.input_size is not None,
                 scan_backend=config.scan_backend))
         if self.input_size is None:
             raise ValueError("backend onnxruntime needs a fixed input_size (an ONNX export is made for one size), "

@@ -82,8 +82,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("compile", BOOL, False, CONFIGURE,
               "torch backend: torch.compile the model (minutes of compilation on configure; cached by inductor)"),
     ParamSpec("cuda_graphs", BOOL, False, CONFIGURE, "torch backend on CUDA: replay captured CUDA graphs"),
-    ParamSpec("jit", BOOL, True, CONFIGURE, "torch backend on CPU: run a TorchScript trace (one per input size, "
-              "made on the first frame / warm-up)"),
+    ParamSpec("jit", BOOL, True, CONFIGURE, "torch backend on CPU with a fixed input_size: run a TorchScript "
+              "trace of the model (made during warm-up); native-size input ([0, 0]) always runs eagerly"),
     # ---- topics (configure)
     ParamSpec("image_topics", STRING_ARRAY, None, CONFIGURE,
               "several cameras served by one model: input topics, each camera's outputs go to "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import threading
 import time
 import warnings
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 READ_AHEAD_NS = 1_000_000_000
 #: how often the player checks for Ctrl-C / stop while it sleeps until the next frame
 SLEEP_SLICE_S = 0.05
+
+
+#: GIL switch interval while a spawned (in-process) node shares the interpreter with the publisher.
+SPAWNED_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -382,6 +387,11 @@ class LiveReplay:
 
     # ------------------------------------------------------------------------------------------- run
     def run(self) -> ReplayReport:
+        # An in-process node's inference thread holds the GIL between (short) torch calls; with the default 5 ms
+        # switch interval the publisher then waits up to 5 ms per GIL hand-over and falls behind the bag's pace.
+        switch = sys.getswitchinterval()
+        if self.config.spawn_node:
+            sys.setswitchinterval(min(switch, SPAWNED_SWITCH_INTERVAL_S))
         try:
             with ros_context() as context:
                 spinner = Spinner(context).start()
@@ -390,6 +400,7 @@ class LiveReplay:
                 finally:
                     spinner.stop()  # executor, spin thread, nodes; the context goes last
         finally:
+            sys.setswitchinterval(switch)
             self.reader.close()
 
     def _run(self, context: Any, spinner: Spinner) -> ReplayReport:
