@@ -5,7 +5,7 @@ channel-flipped, see ``ecmnet_core.data.transforms.normalize_image``), and retur
 
 The selective scan has no ONNX operator: while exporting, ``selective_scan_fn`` writes it as element-wise terms
 for all L = ceil(H/16) * ceil(W/16) steps followed by one ONNX ``Scan`` over time
-(:func:`ecmnet_core.ops.selective_scan.selective_scan_export`), so the graph does not grow with L (about 7,300
+(:func:`ecmnet_core.ops.selective_scan.selective_scan_export`), so the graph does not grow with L (about 8,600
 nodes at 360x480). The FFM's adaptive pooling is written as matrix products while exporting. Export one file per
 resolution. The CUDA kernels and the compiled CPU kernel are never part of an exported graph.
 
