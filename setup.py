@@ -13,7 +13,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["ecmnet_core", "ecmnet_core.*", "ecmnet_ros", "ecmnet_ros.*"]),
-    package_data={"ecmnet_core": ["weights/*.pt", "configs/*.yaml", "ops/csrc/*.cpp"]},
+    package_data={"ecmnet_core": ["weights/*.pt", "configs/*.yaml", "ops/csrc/*.cpp", "ops/csrc/*.h"]},
     include_package_data=True,
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),

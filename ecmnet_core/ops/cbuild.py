@@ -3,9 +3,10 @@
 A kernel is one C++ source behind a plain C ABI. On first use it is compiled with the system C++ compiler (``$CXX``,
 else ``c++``/``g++``/``clang++``) into a shared library loaded with :mod:`ctypes`; no torch or Python headers are
 involved, so a build takes seconds. Libraries are cached under ``$ECMNET_CACHE_DIR/<name>`` (default
-``~/.cache/ecmnet/<name>``) under a file name that hashes the source, the flags, the compiler and the CPU, so a
-``-march=native`` build is never loaded on a different CPU. Builds are atomic (compile to a temporary file, then
-rename), so concurrent processes at worst build twice. ``-march=native`` is tried first, then portable flags.
+``~/.cache/ecmnet/<name>``) under a file name that hashes the source (with the headers beside it), the flags, the
+compiler and the CPU, so a ``-march=native`` build is never loaded on a different CPU. Builds are atomic (compile to
+a temporary file, then rename), so concurrent processes at worst build twice. ``-march=native`` is tried first, then
+portable flags.
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ class LibraryLoader:
             raise RuntimeError(f"C++ compiler {compiler!r} does not run ({exc})") from None
         if not self.source.is_file():
             raise RuntimeError(f"kernel source {self.source} is missing from the installation")
-        source = self.source.read_bytes()
+        # the kernel and the headers beside it (ecmnet_simd.h): a change to either must rebuild
+        headers = sorted(self.source.parent.glob("*.h"))
+        source = b"\0".join([self.source.read_bytes(), *(h.read_bytes() for h in headers)])
         cache = _writable(self.cache or cache_dir(self.cache_name), self.cache_name)
         failures = []
         for flags in self._flag_sets():

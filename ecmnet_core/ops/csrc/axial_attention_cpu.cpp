@@ -35,31 +35,18 @@
 #include <omp.h>
 #endif
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
-#define ECMNET_X86 1
-#endif
+#include "ecmnet_simd.h"
 
 namespace {
 
-using i64 = int64_t;
+using namespace ecmnet_simd;  // VL (key lanes), vf, vi, splat, vexp2, LOG2E, FlushDenormals
 
 constexpr int ABI_VERSION = 1;
 
-// Key lanes = one native vector register (a wider type would be split by the compiler, selects into scalar code).
-#if defined(__AVX512F__)
-constexpr i64 VL = 16;
-#elif defined(__AVX__)
-constexpr i64 VL = 8;
-#else
-constexpr i64 VL = 4;  // SSE2, NEON and anything else with 128-bit vectors (or none)
-#endif
 constexpr i64 CV = 8;  // channel lanes: DDA's channel counts are multiples of 8 (8..64), so no lane is wasted
 constexpr i64 QB = 4;  // queries per block: each loaded key / value vector is used QB times
 constexpr i64 NV_MAX = 4;  // channel vectors per block: QB * NV_MAX accumulators fit the 16 AVX2 registers
 
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
 typedef float vc __attribute__((vector_size(CV * sizeof(float))));
 
 template <class V>
@@ -74,65 +61,15 @@ inline void storeu(float* p, V v) {
     std::memcpy(p, &v, sizeof(V));
 }
 
-// Broadcasts. `vf{} + x` would cost an extra scalar add (0 + -0 is +0, so it cannot be folded); x - 0 == x for every
-// x, so this folds into a single broadcast.
-inline vf splat(float x) {
-    return x - vf{};
-}
-
 inline vc splat_c(float x) {
     return x - vc{};
 }
 
-// 2^x for x <= 0 (arguments are scores minus the row max): x = k + f with integer k and |f| <= 1/2; 2^f by Cephes'
-// exp2f polynomial (relative error ~1e-7), 2^k from the exponent bits. Clamping keeps 2^k a normal float
-// (2^-126 ~ 1e-38 stands in for 0, far below a softmax sum >= 1).
-inline vf vexp2(vf x) {
-    x = x > 0.0f ? splat(0.0f) : x;
-    x = x < -126.0f ? splat(-126.0f) : x;
-    const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer, k in the low bits
-    const vf t = x + magic;
-    const vf f = x - (t - magic);
-    vf p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    vi bits;
-    std::memcpy(&bits, &t, sizeof(bits));
-    bits = (bits - 0x4B400000 + 127) << 23;  // bits of t are those of magic plus k
-    vf scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
-
-constexpr float LOG2E = 1.44269504088896341f;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------------------------
 // Threads: a per-call team, two phases separated by a barrier. Denormals are flushed inside the team (tiny
 // probabilities times values); the caller's mode is restored.
-
-class FlushDenormals {
-  public:
-    FlushDenormals() {
-#ifdef ECMNET_X86
-        saved_ = _mm_getcsr();
-        _mm_setcsr(saved_ | 0x8040);  // FTZ | DAZ
-#endif
-    }
-    ~FlushDenormals() {
-#ifdef ECMNET_X86
-        _mm_setcsr(saved_);
-#endif
-    }
-    FlushDenormals(const FlushDenormals&) = delete;
-    FlushDenormals& operator=(const FlushDenormals&) = delete;
-
-  private:
-    unsigned saved_ = 0;
-};
 
 // A barrier whose size is known only after the team is started (starting a thread may fail).
 class Barrier {

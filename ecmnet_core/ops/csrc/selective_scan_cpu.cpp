@@ -27,37 +27,17 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
-#define ECMNET_X86 1
-#endif
+#include "ecmnet_simd.h"
 
 namespace {
 
-using i64 = int64_t;
-
-// Channels per tile = lanes of one native vector register. A wider vector type than the hardware has would be split
-// by the compiler, and GCC splits selects (?:) on such types into scalar code.
-#if defined(__AVX512F__)
-constexpr i64 VL = 16;
-#elif defined(__AVX__)
-constexpr i64 VL = 8;
-#else
-constexpr i64 VL = 4;  // SSE2, NEON and anything else with 128-bit vectors (or none)
-#endif
-
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
-
-inline vf splat(float x) {
-    return vf{} + x;
-}
+using namespace ecmnet_simd;  // VL, vf, vi, splat, vexp2, LOG2E, FlushDenormals
 
 inline float lane_sum(vf v) {
     float s = 0.0f;
@@ -67,30 +47,6 @@ inline float lane_sum(vf v) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Element-wise functions on vectors (Cephes-style polynomials, ~1 ulp in the range that matters).
-
-// 2^x: x = k + f with integer k and |f| <= 1/2; 2^f by Cephes' exp2f polynomial, 2^k by building the exponent bits.
-// Clamping keeps 2^k a normal float (2^-126 ~ 1e-38 stands in for 0).
-inline vf vexp2(vf x) {
-    x = x > 127.4f ? splat(127.4f) : x;
-    x = x < -126.0f ? splat(-126.0f) : x;
-    const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer, k in the low bits
-    const vf t = x + magic;
-    const vf f = x - (t - magic);
-    vf p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    vi bits;
-    std::memcpy(&bits, &t, sizeof(bits));
-    bits = (bits - 0x4B400000 + 127) << 23;  // bits of t are those of magic plus k
-    vf scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
-
-constexpr float LOG2E = 1.44269504088896341f;
 
 inline vf vexp(vf x) {
     return vexp2(x * LOG2E);
@@ -133,26 +89,6 @@ inline void softplus_grad(vf x, vf& sp, vf& sig) {
 // ---------------------------------------------------------------------------------------------------------------
 // Threads: a per-call team pulling task indices from an atomic counter. Denormals are flushed inside the team
 // (decaying states and gradients would otherwise hit the slow denormal path); the caller's mode is restored.
-
-class FlushDenormals {
-  public:
-    FlushDenormals() {
-#ifdef ECMNET_X86
-        saved_ = _mm_getcsr();
-        _mm_setcsr(saved_ | 0x8040);  // FTZ | DAZ
-#endif
-    }
-    ~FlushDenormals() {
-#ifdef ECMNET_X86
-        _mm_setcsr(saved_);
-#endif
-    }
-    FlushDenormals(const FlushDenormals&) = delete;
-    FlushDenormals& operator=(const FlushDenormals&) = delete;
-
-  private:
-    unsigned saved_ = 0;
-};
 
 // Tile-steps (one step of one tile, all N states) that make starting one more thread worth it: about a millisecond.
 // A busy machine can take that long just to schedule a new thread, and small calls (tests, small images) are common.
