@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from ecmnet_core.bench import _disturbance_note, environment, time_fn
-from ecmnet_core.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from ecmnet_core.data.transforms import normalize_image
+from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, file_sha256, load_checkpoint
 from ecmnet_core.engines import OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
-from ecmnet_core.inference import random_checkpoint, resolve_device
+from ecmnet_core.evaluate import Preprocess
+from ecmnet_core.inference import random_checkpoint, random_checkpoint_hash, resolve_device
 from ecmnet_core.ops import axial_attention
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -134,6 +134,17 @@ def _images(folder: str, limit: int | None) -> list[Path]:
     return files[:limit] if limit else files
 
 
+def _load_inputs(files: list[Path], preprocess: Preprocess) -> list[Tensor]:
+    """(1, 3, h, w) network inputs of the images, made as ``eval`` makes them."""
+    inputs = []
+    for file in files:
+        image = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"--agreement: cannot read image {file}")
+        inputs.append(preprocess(image)[None])
+    return inputs
+
+
 def _labels(runner, x: Tensor) -> np.ndarray:
     return runner.logits(x).argmax(1).to(torch.uint8).cpu().numpy()
 
@@ -156,12 +167,10 @@ def bench_paths(cfg: PathsBenchConfig) -> dict:
         if min(h, w) < 16:
             raise ValueError(f"size {h}x{w}: both sides must be >= 16")
     if cfg.model and not cfg.checkpoint:
-        ckpt, ckpt_hash = random_checkpoint(cfg.model, cfg.classes), f"random-{cfg.model}-{cfg.classes}"
+        ckpt, ckpt_hash = random_checkpoint(cfg.model, cfg.classes), random_checkpoint_hash(cfg.model, cfg.classes)
         source = f"random weights ({cfg.model})"
     else:
         ckpt = load_checkpoint(cfg.checkpoint)
-        from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT
-
         path = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
         ckpt_hash, source = file_sha256(path), str(path)
     say = cfg.progress or (lambda _msg: None)
@@ -169,6 +178,8 @@ def bench_paths(cfg: PathsBenchConfig) -> dict:
     results: dict[str, dict[str, dict]] = {}
     agreement: dict[str, dict] = {}
     images = _images(cfg.agreement, cfg.agreement_limit) if cfg.agreement else []
+    # read and pre-process the agreement images once, at the first size, for every path
+    inputs = _load_inputs(images, Preprocess(ckpt.mean, ckpt.std, cfg.sizes[0])) if images else []
     for size in cfg.sizes:
         key = f"{size[0]}x{size[1]}"
         gen = torch.Generator().manual_seed(0)
@@ -188,14 +199,10 @@ def bench_paths(cfg: PathsBenchConfig) -> dict:
                      "cold": timing.cold}
             results[key][name] = entry
             say(f"{key} {name}: p50 {timing.median:.1f} ms, p90 {timing.p90:.1f} ms")
-            if images and size == cfg.sizes[0]:
+            if inputs and size == cfg.sizes[0]:
                 same = total = 0
-                for i, file in enumerate(images):
-                    image = cv2.imread(str(file), cv2.IMREAD_COLOR)
-                    if image is None:
-                        raise ValueError(f"--agreement: cannot read image {file}")
-                    image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-                    labels = _labels(runner, normalize_image(image, ckpt.mean, ckpt.std)[None])
+                for i, x_image in enumerate(inputs):
+                    labels = _labels(runner, x_image)
                     if name == BASELINE:
                         baseline_labels.append(labels)
                     else:

@@ -70,7 +70,7 @@ def lower_recurrence(proto) -> int:
     y (L, B, G, Dg, 1); the Scan carries h through time with the body h = dA_t * h + dBu_t, y_t = h @ C_t.
     Returns the number of nodes rewritten.
     """
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     domain, op_type = RECURRENCE_OP
     rewritten = 0
@@ -84,8 +84,9 @@ def lower_recurrence(proto) -> int:
              helper.make_node("Add", [names["decayed"], names["dBu_t"]], [names["h_out"]]),
              helper.make_node("MatMul", [names["h_out"], names["C_t"]], [names["y_t"]])],
             f"{tag}_body",
-            [helper.make_tensor_value_info(names[k], onnx_float(), None) for k in ("h_in", "dA_t", "dBu_t", "C_t")],
-            [helper.make_tensor_value_info(names[k], onnx_float(), None) for k in ("h_out", "y_t")])
+            [helper.make_tensor_value_info(names[k], TensorProto.FLOAT, None)
+             for k in ("h_in", "dA_t", "dBu_t", "C_t")],
+            [helper.make_tensor_value_info(names[k], TensorProto.FLOAT, None) for k in ("h_out", "y_t")])
         scan = helper.make_node("Scan", list(node.input), [f"{tag}_h_last", node.output[0]], name=f"{tag}_scan",
                                 num_scan_inputs=3, body=body)
         proto.graph.node.remove(node)
@@ -96,12 +97,6 @@ def lower_recurrence(proto) -> int:
         del proto.opset_import[:]
         proto.opset_import.extend(keep)
     return rewritten
-
-
-def onnx_float() -> int:
-    from onnx import TensorProto
-
-    return TensorProto.FLOAT
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,

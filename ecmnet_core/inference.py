@@ -96,6 +96,11 @@ def default_palette(num_classes: int) -> list[list[int]]:
     return colours
 
 
+def random_checkpoint_hash(model: str, num_classes: int) -> str:
+    """What stands for a checkpoint hash (logs, diagnostics, export cache keys) for random weights."""
+    return f"random-{model}-{num_classes}"
+
+
 def random_checkpoint(model: str, num_classes: int) -> Checkpoint:
     """An untrained variant with default metadata (seeded, so timings and tests are repeatable)."""
     cfg = model_config(model, num_classes)
@@ -167,7 +172,6 @@ class Segmenter:
         if config.checkpoint and str(config.checkpoint).lower().endswith(".onnx"):
             from ecmnet_core.export import read_onnx_checkpoint
 
-            self.random_weights = False
             self.checkpoint_path = Path(config.checkpoint)
             ckpt = read_onnx_checkpoint(config.checkpoint)
             self.random_weights = bool(ckpt.metadata.get("random_weights"))
@@ -202,7 +206,7 @@ class Segmenter:
     def checkpoint_hash(self) -> str:
         """Short sha256 of the checkpoint file ("random-<model>-<classes>" for random weights)."""
         if self.checkpoint_path is None:
-            return f"random-{self.checkpoint.model_config.name}-{self.num_classes}"
+            return random_checkpoint_hash(self.checkpoint.model_config.name, self.num_classes)
         if not hasattr(self, "_hash"):
             self._hash = file_sha256(self.checkpoint_path)
         return self._hash

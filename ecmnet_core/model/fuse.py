@@ -20,24 +20,16 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ecmnet_core.model.layers import BNPReLU, ConvBNPReLU, DownSamplingBlock, UpsamplingBlock
 
 
 @torch.no_grad()
 def _fold_into_conv(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
-    """Rewrite ``conv`` so that conv'(x) == bn(conv(x)) in eval mode."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
-    # output channels are dim 0 of a Conv2d weight, dim 1 of a ConvTranspose2d weight (groups = 1 here)
-    shape = (1, -1, 1, 1) if isinstance(conv, nn.ConvTranspose2d) else (-1, 1, 1, 1)
-    conv.weight.mul_(scale.reshape(shape))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-    new_bias = bias * scale + shift
-    if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias)
-    else:
-        conv.bias.copy_(new_bias)
+    """Rewrite ``conv`` so that conv'(x) == bn(conv(x)) in eval mode (PyTorch's own folding arithmetic)."""
+    conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                  bn.weight, bn.bias, transpose=isinstance(conv, nn.ConvTranspose2d))
 
 
 def _foldable(bn: nn.Module) -> bool:
