@@ -26,14 +26,8 @@ from ecmnet_core.bench import (
 from ecmnet_core.cli import main
 from ecmnet_core.ops.selective_scan import available_backends, selective_scan_fn, selective_scan_textbook
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads up to ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (conftest): on the shared 2-core machine OpenMP spinning makes 2 threads much slower
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_percentile_matches_numpy() -> None:

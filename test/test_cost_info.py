@@ -14,20 +14,14 @@ from ecmnet_core.cli import main
 from ecmnet_core.cost import full_macs, measure, paper_macs, stubbed_scans
 from ecmnet_core.model import DDA, SS2D, SelectiveScan, build_model
 
+# one intra-op thread (conftest): on the shared 2-core machine OpenMP spinning makes 2 threads much slower
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 pytest.importorskip("ptflops", reason="ptflops is not installed (pip install -e '.[cost]')")
 pytest.importorskip("fvcore", reason="fvcore is not installed (pip install -e '.[cost]')")
 
 #: pip ptflops 0.7.5 under the paper convention, ecmnet / 19 classes / 1x3x512x1024 (spec, vendored: 8.466).
 PAPER_GMAC_MEASURED = 8.473184832
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads up to ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def scan_macs(h: int, w: int, d: int = 1024, n: int = 16) -> int:

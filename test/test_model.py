@@ -11,15 +11,8 @@ from ecmnet_core.cost import stubbed_scans
 from ecmnet_core.model import DDA, EDAB, FFM, MSAU, SS2D, VARIANTS, build_model
 from ecmnet_core.ops.selective_scan import ENV_VAR
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads up to ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# one intra-op thread (conftest): on the shared 2-core machine OpenMP spinning makes 2 threads much slower
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def n_params(module: torch.nn.Module) -> int:

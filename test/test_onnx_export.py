@@ -24,16 +24,8 @@ onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -e
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
 
 # the blocks below call torch.onnx.export directly: legacy-exporter deprecation and shape TracerWarnings are expected
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads up to ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 def calibrate_batchnorm(model: nn.Module, size: tuple[int, int], batches: int = 3) -> nn.Module:

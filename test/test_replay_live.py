@@ -11,10 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("rclpy", reason="rclpy is not installed (pip install -e '.[ros]')")
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.usefixtures("one_torch_thread")]  # one thread: the test CPU is shared
 
 from ecmnet_core.bags import BagError, BagFrame, BagReader, BagWriteConfig, write_image_bag  # noqa: E402
 from ecmnet_core.bags.replay import replay_offline  # noqa: E402
@@ -27,15 +26,6 @@ K = 4
 #: native input size and an explicit memory format, so the node's Segmenter computes exactly what the offline
 #: Segmenter below computes (channels-last changes float rounding, which can flip near-tie argmaxes)
 NODE = {"model": "baseline", "num_classes": K, "input_size": [0, 0], "warmup": 1, "channels_last": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The test CPU is shared: one intra-op thread is many times faster than two threads fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

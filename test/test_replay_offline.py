@@ -11,7 +11,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from ecmnet_core.bags import BagError, BagFrame, BagReader, BagWriteConfig, write_image_bag
 from ecmnet_core.bags.make_bag import folder_frames
@@ -21,6 +20,9 @@ from ecmnet_core.cli import main as cli
 from ecmnet_core.data import DatasetInfo, Sample
 from ecmnet_core.evaluate import evaluate_samples, segment_images
 from ecmnet_core.inference import InferenceConfig, Segmenter
+
+# one intra-op thread (conftest): on the shared 2-core machine OpenMP spinning makes 2 threads much slower
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 START = 1_700_000_000.0
 K = 4
@@ -42,15 +44,6 @@ def segmenter(input_size: tuple[int, int] = (32, 48)) -> Segmenter:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random-weights warning
         return Segmenter(InferenceConfig(model="baseline", num_classes=K, input_size=input_size, warmup=0))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The test CPU is shared: one intra-op thread is many times faster than two threads fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,13 @@ import torch.nn.functional as F
 from ecmnet_core.model import SS2D
 from ecmnet_core.ops.selective_scan import available_backends, selective_scan_fn, selective_scan_ref
 
+# one intra-op thread (conftest): on the shared 2-core machine OpenMP spinning makes 2 threads much slower
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 RTOL, ATOL_REL = 1e-4, 1e-5  # against float64: atol = ATOL_REL * max|reference|
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 #: CPU backends under test: everything that runs here except the reference itself (torch, cpp when it builds).
 BACKENDS = [b for b in available_backends("cpu") if b != "reference"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads up to ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
