@@ -129,15 +129,21 @@ def test_live_changes_apply_to_the_next_frame(segmenter_node, probe, image_msg):
     keys = [kv.key for kv in next(m for m in stamped.messages if stamp_ns(m.header) == stamp).status[0].values]
     assert keys == ["class_0", "class_2"]  # class-id order, only the selected ones
 
-    # max_rate_hz: frames sent at ~20 Hz for 1 s are processed at most ~2 times per second
+    # max_rate_hz: frames offered at ~20 Hz are processed at most twice per second of the window. The bound comes
+    # from the measured window, not the nominal 1.6 s: a loaded machine stretches the sleeps, not the limit.
     assert node.set_parameters([Parameter("max_rate_hz", value=2.0)])[0].successful
-    processed = node.streams[0].processed
+    stream = node.streams[0]
+    processed, received = stream.processed, stream.slot.received
+    start = time.monotonic()
     for _ in range(20):
         rig.stamp += 1
         rig.pub.publish(image_msg(FRAME, "bgr8", rig.stamp))
         time.sleep(0.05)
     time.sleep(0.6)
-    assert 1 <= node.streams[0].processed - processed <= 4
+    window = time.monotonic() - start
+    done, offered = stream.processed - processed, stream.slot.received - received
+    assert 1 <= done <= int(window * 2.0) + 1, f"{done} frames processed in {window:.2f} s at max_rate_hz 2"
+    assert offered > done, f"{offered} frames arrived, {done} processed: nothing was held back by the limit"
     assert node.set_parameters([Parameter("max_rate_hz", value=0.0)])[0].successful
     rig.frame()
 
