@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CompressedImage, Image
 
-    from ecmnet_ros.conversions import array_to_compressed, array_to_image
+    from ecmnet_core.image_messages import array_to_compressed, array_to_image
     from ecmnet_ros.demo import choose_model
     from ecmnet_ros.runtime import (
         Spinner,
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             def bare(i: int) -> float:
                 img = images[i % len(images)]
                 if args.compressed:  # the node decodes the JPEG: so does the bare path (same work, minus ROS)
-                    from ecmnet_ros.conversions import compressed_to_bgr8
+                    from ecmnet_core.image_messages import compressed_to_bgr8
 
                     start = time.perf_counter()
                     seg.segment(compressed_to_bgr8(message(i)))

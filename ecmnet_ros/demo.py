@@ -101,7 +101,7 @@ class Monitor:
             self.coverage_sum = cov if self.coverage_sum is None else self.coverage_sum + cov
 
     def _on_overlay(self, msg: Any) -> None:
-        from ecmnet_ros.conversions import image_to_bgr8
+        from ecmnet_core.image_messages import image_to_bgr8
 
         now = time.monotonic()
         if len(self.saved) >= self.save or now - self._last_save < self.save_period:

@@ -10,7 +10,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from sensor_msgs.msg import CameraInfo
 from std_msgs.msg import Float32MultiArray, MultiArrayDimension, MultiArrayLayout
 
-from ecmnet_ros.conversions import array_to_image
+from ecmnet_core.image_messages import array_to_image
 
 UNLABELED = 255
 

@@ -38,7 +38,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from ecmnet_core.bags.reader import COMPRESSED_IMAGE, BagError, BagMessage, BagReader, decode_label_message
 from ecmnet_core.bags.replay import frame_names
 from ecmnet_core.bags.report import FrameRecord, LabelBagWriter, ReplayReport
-from ecmnet_ros.conversions import ImageConversionError, check_message, image_to_array
+from ecmnet_core.image_messages import ImageConversionError, check_message, image_to_array
 from ecmnet_ros.runtime import Spinner, ros_context
 
 log = logging.getLogger(__name__)

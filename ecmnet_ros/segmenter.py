@@ -1,6 +1,6 @@
 """The ``segmenter`` lifecycle node: images in, class-id label images, colour masks, overlays and coverage out.
 
-The node is thin: message conversion (:mod:`ecmnet_ros.conversions`) around
+The node is thin: message conversion (:mod:`ecmnet_core.image_messages`) around
 :class:`ecmnet_core.inference.Segmenter`. Threads:
 
 * executor threads run the image callbacks (they only validate the header and put the message in a per-camera
@@ -37,9 +37,9 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Float32MultiArray, Header
 
+from ecmnet_core.image_messages import ImageConversionError, check_message, message_to_bgr8
 from ecmnet_core.inference import InferenceConfig, Segmenter
 from ecmnet_ros import diagnostics as diag
-from ecmnet_ros.conversions import ImageConversionError, check_message, message_to_bgr8
 from ecmnet_ros.messages import bgr_message, coverage_array, coverage_stamped, labels_message, scale_camera_info
 from ecmnet_ros.params import CLASS_NAMES, CONFIGURE, DOUBLE, INTEGER, PARAMS, SPECS, STARTUP, LiveSettings, validate
 from ecmnet_ros.stats import ErrorCounter, LatencyWindow, LatestSlot, RateMeter

@@ -13,7 +13,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
-from ecmnet_ros.conversions import array_to_image
+from ecmnet_core.image_messages import array_to_image
 
 
 class StreetPattern:

@@ -75,7 +75,7 @@ def probe(ros_context: Any, spinner: Any) -> Any:
 def image_msg() -> Callable[..., Any]:
     """Factory: ``image_msg(array, encoding=None, stamp_ns=1, frame_id="camera")`` -> sensor_msgs/Image."""
     _need_rclpy()
-    from ecmnet_ros.conversions import array_to_image
+    from ecmnet_core.image_messages import array_to_image
     from ecmnet_ros.runtime import make_header
 
     def make(array: np.ndarray, encoding: str | None = None, stamp_ns: int = 1, frame_id: str = "camera") -> Any:

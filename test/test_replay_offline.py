@@ -94,7 +94,7 @@ def test_ground_truth_matched_by_stamp_in_any_order(tmp_path: Path, seg: Segment
     from rosbags.rosbag2 import Writer
     from rosbags.typesys import Stores, get_typestore
 
-    from ecmnet_ros.conversions import array_to_image
+    from ecmnet_core.image_messages import array_to_image
 
     ts = get_typestore(Stores.ROS2_KILTED)
     image_t, header_t, time_t = (ts.types[n] for n in ("sensor_msgs/msg/Image", "std_msgs/msg/Header",

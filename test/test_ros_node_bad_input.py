@@ -15,7 +15,7 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from ecmnet_ros.conversions import array_to_compressed  # noqa: E402
+from ecmnet_core.image_messages import array_to_compressed  # noqa: E402
 from ecmnet_ros.runtime import TopicCollector, connected, make_header, stamp_ns, wait_for  # noqa: E402
 
 TIMEOUT = 20.0

@@ -15,7 +15,7 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Float32MultiArray  # noqa: E402
 
-from ecmnet_ros.conversions import array_to_compressed, image_to_array  # noqa: E402
+from ecmnet_core.image_messages import array_to_compressed, image_to_array  # noqa: E402
 from ecmnet_ros.runtime import TopicCollector, connected, make_header, stamp_ns, wait_for  # noqa: E402
 
 H, W = 64, 96

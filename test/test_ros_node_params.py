@@ -25,7 +25,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
-from ecmnet_ros.conversions import image_to_array  # noqa: E402
+from ecmnet_core.image_messages import image_to_array  # noqa: E402
 from ecmnet_ros.params import PARAMS  # noqa: E402
 from ecmnet_ros.runtime import TopicCollector, connected, stamp_ns, wait_for  # noqa: E402
 from ecmnet_ros.segmenter import SegmenterNode  # noqa: E402

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ecmnet_core.bags.reader import COMPRESSED_IMAGE, CUSTOM_PREFIX, IMAGE, UNLABELED, BagError
-from ecmnet_ros.conversions import array_to_compressed, array_to_image
+from ecmnet_core.image_messages import array_to_compressed, array_to_image
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :class:`BagReader` opens a bag directory (or a bare ``.db3`` / ``.mcap`` file), checks the topics a caller asks for
 and yields messages in recorded receive-time order. Image messages are decoded with the same conversions the ROS
-node uses (:mod:`ecmnet_ros.conversions`), so offline replay sees exactly the pixels the node would see.
+node uses (:mod:`ecmnet_core.image_messages`), so offline replay sees exactly the pixels the node would see.
 Everything that is wrong with a bag as a whole is a :class:`BagError`; a single message that cannot be
 deserialized or decoded is skipped and counted in :attr:`BagReader.skipped`.
 """
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ecmnet_core import image_messages
 
 log = logging.getLogger(__name__)
 
@@ -72,26 +74,22 @@ def decode_image_message(msg: Any, msgtype: str) -> np.ndarray:
 
     The ROS node's converter: every encoding the node accepts is accepted here, with identical pixels.
     """
-    from ecmnet_ros import conversions  # no rclpy inside: the converters take any object with the msg fields
-
     if msgtype == COMPRESSED_IMAGE:
-        return conversions.compressed_to_bgr8(msg)
-    return conversions.image_to_bgr8(msg)
+        return image_messages.compressed_to_bgr8(msg)
+    return image_messages.image_to_bgr8(msg)
 
 
 def decode_label_message(msg: Any, msgtype: str) -> np.ndarray:
     """A ground-truth or predicted label image (mono8 / 8UC1, or lossless PNG) -> (H, W) uint8 class ids."""
-    from ecmnet_ros import conversions
-
     if msgtype == COMPRESSED_IMAGE:
         fmt = str(msg.format).lower()
         if "jpeg" in fmt or "jpg" in fmt:
             raise ValueError(f"label image is {msg.format!r}: JPEG is lossy and cannot carry class ids")
-        labels = conversions.compressed_to_bgr8(msg)
+        labels = image_messages.compressed_to_bgr8(msg)
     else:
         if str(msg.encoding) not in ("mono8", "8UC1"):
             raise ValueError(f"label image has encoding {msg.encoding!r}; expected mono8 (8-bit class ids)")
-        labels = conversions.image_to_array(msg)
+        labels = image_messages.image_to_array(msg)
     if labels.ndim != 2 or labels.dtype != np.uint8:
         raise ValueError(f"label image decodes to {labels.dtype} {labels.shape}; expected 8-bit single-channel")
     return labels

@@ -378,7 +378,7 @@ class LabelBagWriter:
             self._writer.write(self._conns[topic], t_ns, raw)
 
     def write_labels(self, t_ns: int, stamp_ns: int, frame_id: str, labels: np.ndarray) -> None:
-        from ecmnet_ros.conversions import array_to_image
+        from ecmnet_core.image_messages import array_to_image
 
         header = self._header_cls(stamp=self._time_cls(sec=stamp_ns // 1_000_000_000,
                                                        nanosec=stamp_ns % 1_000_000_000), frame_id=frame_id)

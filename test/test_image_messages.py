@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ecmnet_ros.conversions import (
+from ecmnet_core.image_messages import (
     SUPPORTED_ENCODINGS,
     ImageConversionError,
     array_to_compressed,
