@@ -147,10 +147,11 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     A = A.to(work)
     h = u.new_zeros(batch, dim, A.shape[1])
     ys = []
-    for t in range(length):
-        dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * Bc[..., t] * u[:, :, t, None]
-        ys.append((h * Cc[..., t]).sum(-1))
+    # unbind, not x[..., t]: the backward of L index ops would write L full-size zero tensors (O(L^2))
+    for dt, ut, bt, ct in zip(delta.unbind(-1), u.unbind(-1), Bc.unbind(-1), Cc.unbind(-1)):
+        dt = dt[..., None]
+        h = torch.exp(dt * A) * h + dt * bt * ut[..., None]
+        ys.append((h * ct).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + D.to(work)[:, None] * u
