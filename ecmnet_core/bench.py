@@ -123,6 +123,43 @@ def time_fn(fn: Callable[[], object], runs: int, warmup: int, device: torch.devi
     return Timing(samples)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int, device: torch.device,
+                     budget_s: float | None = None) -> dict[str, Timing]:
+    """Time several functions in rounds (one call of each per round) so they share the machine's conditions.
+
+    On a shared machine the speed drifts over seconds; timing A's runs and then B's turns that drift into a bias of
+    the ratio A/B, while alternating spreads it over both. Warm-up as in :func:`time_fn`: a warm-up call longer
+    than ``budget_s`` becomes that function's only (``cold``) sample. A function leaves the rounds once its timed
+    calls add up to more than ``budget_s``; every function gets at least one timed call.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    out: dict[str, Timing] = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            elapsed = timed(fn)
+            if budget_s is not None and elapsed > budget_s * 1e3:
+                out[name] = Timing([elapsed], cold=True)
+                break
+    active = [name for name in fns if name not in out]
+    samples: dict[str, list[float]] = {name: [] for name in active}
+    for _ in range(max(runs, 1)):
+        for name in list(active):
+            samples[name].append(timed(fns[name]))
+            if budget_s is not None and sum(samples[name]) > budget_s * 1e3:
+                active.remove(name)
+        if not active:
+            break
+    out.update({name: Timing(s) for name, s in samples.items()})
+    return {name: out[name] for name in fns}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # peak memory
 

@@ -4,7 +4,9 @@ A *path* is one way to run the network (the engine of :mod:`ecmnet_core.engines`
 ``eager``, is the plain ``model(x)`` in fp32 and NCHW with the pure-PyTorch selective scan and attention -- what the
 model costs without any of the inference work. Each path is timed on the same normalised input through the same
 call the :class:`~ecmnet_core.inference.Segmenter` makes (``engine.logits``), reporting ms/frame p50/p90, frames/s
-and the speed-up over the baseline's median measured in this run.
+and the speed-up over the baseline's median measured in this run. The paths of one size are timed in rounds, one
+call of each per round (:func:`ecmnet_core.bench.time_interleaved`), so a shared machine's drift in speed lands on
+the baseline and the path alike instead of skewing their ratio.
 
 With ``--agreement DIR`` every path also segments the images in DIR (e.g. CamVid val) at the first size, and the
 share of pixels whose arg-max label equals the baseline's is reported (the acceptance bar is 99.9 %).
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ecmnet_core.bench import _disturbance_note, environment, time_fn
+from ecmnet_core.bench import _disturbance_note, environment, time_interleaved
 from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, file_sha256, load_checkpoint
 from ecmnet_core.engines import OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
 from ecmnet_core.evaluate import Preprocess
@@ -185,33 +187,34 @@ def bench_paths(cfg: PathsBenchConfig) -> dict:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(1, 3, *size, generator=gen)
         results[key] = {}
-        baseline_labels: list[np.ndarray] = []
+        runners = {}
         for name in names:
             try:
-                runner = build_path(name, ckpt, device, size, ckpt_hash, cfg.onnx_cache)
+                runners[name] = build_path(name, ckpt, device, size, ckpt_hash, cfg.onnx_cache)
             except (ValueError, RuntimeError) as exc:  # e.g. no onnxruntime, no compiler
                 results[key][name] = {"error": str(exc)}
                 say(f"{key} {name}: unavailable ({exc})")
-                continue
-            timing = time_fn(lambda r=runner, x=x: r.logits(x), cfg.runs, cfg.warmup, device, cfg.budget_s)
-            entry = {**timing.summary(), "fps": 1e3 / timing.median, "description": PATHS[name].description,
-                     "scan_backend": str(getattr(runner, "scan_backend", "")),
-                     "cold": timing.cold}
-            results[key][name] = entry
+        timings = time_interleaved({name: (lambda r=runner, x=x: r.logits(x)) for name, runner in runners.items()},
+                                   cfg.runs, cfg.warmup, device, cfg.budget_s)
+        for name, timing in timings.items():
+            results[key][name] = {**timing.summary(), "fps": 1e3 / timing.median,
+                                  "description": PATHS[name].description,
+                                  "scan_backend": str(getattr(runners[name], "scan_backend", "")), "cold": timing.cold}
             say(f"{key} {name}: p50 {timing.median:.1f} ms, p90 {timing.p90:.1f} ms")
-            if inputs and size == cfg.sizes[0]:
+        results[key] = {name: results[key][name] for name in names}  # table order = path order
+        if inputs and size == cfg.sizes[0] and BASELINE in runners:
+            baseline_labels = [_labels(runners[BASELINE], x_image) for x_image in inputs]
+            for name, runner in runners.items():
+                if name == BASELINE:
+                    continue
                 same = total = 0
-                for i, x_image in enumerate(inputs):
+                for x_image, expected in zip(inputs, baseline_labels):
                     labels = _labels(runner, x_image)
-                    if name == BASELINE:
-                        baseline_labels.append(labels)
-                    else:
-                        same += int((labels == baseline_labels[i]).sum())
-                        total += labels.size
-                if name != BASELINE:
-                    agreement[name] = {"images": len(images), "pixels": total, "identical": same / max(total, 1)}
-                    say(f"{key} {name}: identical labels on {100 * same / max(total, 1):.4f} % of pixels")
-            del runner
+                    same += int((labels == expected).sum())
+                    total += labels.size
+                agreement[name] = {"images": len(images), "pixels": total, "identical": same / max(total, 1)}
+                say(f"{key} {name}: identical labels on {100 * same / max(total, 1):.4f} % of pixels")
+        del runners
         base = results[key].get(BASELINE, {})
         for entry in results[key].values():
             if "median_ms" in entry and "median_ms" in base:
@@ -233,7 +236,7 @@ def format_paths(r: dict) -> str:
     lines = [f"inference paths vs '{r['baseline']}' ({PATHS[r['baseline']].description})",
              f"model {r['model']} ({r['classes']} classes), {r['checkpoint']} (sha256 {r['checkpoint_hash']}), batch 1",
              f"device {env['device']} ({env['device_name']}), torch {env['torch']}, {env['threads']} threads; "
-             f"{r['warmup']} warm-up + up to {r['runs']} timed runs per row",
+             f"{r['warmup']} warm-up + up to {r['runs']} timed runs per row, in rounds across the paths",
              f"{'size':<10} {'path':<18} {'p50 ms':>9} {'p90 ms':>9} {'frames/s':>9} {'speed-up':>9}  scan"]
     for size, rows in r["results"].items():
         for name, e in rows.items():

@@ -51,6 +51,37 @@ def test_time_fn_runs_and_budget() -> None:
     assert len(calls) == 1 and not timing.cold
 
 
+
+def test_time_interleaved_alternates_and_keeps_budgets_per_function(monkeypatch) -> None:
+    """Timed calls alternate a, b, a, b, ... (so drift hits both); a slow function leaves the rounds on its own
+    budget while the fast one keeps going; a cold warm-up is that function's only sample. A fake clock: each
+    function advances it by its cost, so the budgets do not depend on this machine's load."""
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    calls: list[str] = []
+
+    def fn(name: str, cost_s: float):
+        return lambda: (calls.append(name), clock.__setitem__(0, clock[0] + cost_s))
+
+    cpu = torch.device("cpu")
+    out = bench.time_interleaved({"a": fn("a", 0.001), "b": fn("b", 0.002)}, runs=4, warmup=1, device=cpu)
+    assert calls == ["a", "b"] + ["a", "b"] * 4 and list(out) == ["a", "b"]
+    assert all(len(t.samples_ms) == 4 and not t.cold for t in out.values())
+    assert out["a"].median == pytest.approx(1.0) and out["b"].median == pytest.approx(2.0)
+
+    calls.clear()
+    out = bench.time_interleaved({"slow": fn("slow", 0.03), "fast": fn("fast", 0.001)}, runs=5, warmup=0,
+                                 device=cpu, budget_s=0.05)
+    assert len(out["slow"].samples_ms) == 2 and len(out["fast"].samples_ms) == 5
+    assert calls == ["slow", "fast", "slow", "fast", "fast", "fast", "fast"]
+
+    calls.clear()
+    out = bench.time_interleaved({"cold": fn("cold", 0.02), "warm": fn("warm", 0.001)}, runs=3, warmup=2,
+                                 device=cpu, budget_s=0.01)
+    assert out["cold"].cold and out["cold"].samples_ms == [pytest.approx(20.0)] and calls.count("cold") == 1
+    assert not out["warm"].cold and len(out["warm"].samples_ms) == 3
+
+
 def test_scan_length_is_the_ffm_grid() -> None:
     assert scan_length((1024, 2048)) == 8192
     assert scan_length((360, 480)) == 23 * 30 == 690
