@@ -101,26 +101,9 @@ def time_fn(fn: Callable[[], object], runs: int, warmup: int, device: torch.devi
     """Call ``fn`` ``warmup`` times, then time up to ``runs`` calls (at least one; stop early past ``budget_s``).
 
     A warm-up call that alone takes longer than ``budget_s`` becomes the only sample (``cold``): repeating a
-    minutes-long call adds little information.
+    minutes-long call adds little information. (:func:`time_interleaved` with one function.)
     """
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        elapsed = time.perf_counter() - t0
-        if budget_s is not None and elapsed > budget_s:
-            return Timing([elapsed * 1e3], cold=True)
-    samples: list[float] = []
-    started = time.perf_counter()
-    for _ in range(max(runs, 1)):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append((time.perf_counter() - t0) * 1e3)
-        if budget_s is not None and time.perf_counter() - started > budget_s:
-            break
-    return Timing(samples)
+    return time_interleaved({"fn": fn}, runs, warmup, device, budget_s)["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int, device: torch.device,
@@ -128,9 +111,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: in
     """Time several functions in rounds (one call of each per round) so they share the machine's conditions.
 
     On a shared machine the speed drifts over seconds; timing A's runs and then B's turns that drift into a bias of
-    the ratio A/B, while alternating spreads it over both. Warm-up as in :func:`time_fn`: a warm-up call longer
-    than ``budget_s`` becomes that function's only (``cold``) sample. A function leaves the rounds once its timed
-    calls add up to more than ``budget_s``; every function gets at least one timed call.
+    the ratio A/B, while alternating spreads it over both. Each function is called ``warmup`` times first; a
+    warm-up call longer than ``budget_s`` becomes that function's only (``cold``) sample: repeating a minutes-long
+    call adds little information. A function leaves the rounds once its timed calls add up to more than
+    ``budget_s``; every function gets at least one timed call.
     """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
