@@ -26,12 +26,12 @@ from torch import Tensor
 
 from ecmnet_core.bench import _disturbance_note, environment, time_interleaved
 from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, file_sha256, load_checkpoint
+from ecmnet_core.data.builders import IMAGE_EXTENSIONS, image_files
 from ecmnet_core.engines import OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
 from ecmnet_core.evaluate import Preprocess
 from ecmnet_core.inference import random_checkpoint, random_checkpoint_hash, resolve_device
 from ecmnet_core.ops import axial_attention
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 BASELINE = "eager"
 
 
@@ -130,9 +130,9 @@ def _images(folder: str, limit: int | None) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"--agreement {folder}: not a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root, recursive=True)
     if not files:
-        raise ValueError(f"--agreement {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        raise ValueError(f"--agreement {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     return files[:limit] if limit else files
 
 

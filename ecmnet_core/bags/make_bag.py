@@ -28,9 +28,6 @@ log = logging.getLogger(__name__)
 STORAGES = ("sqlite3", "mcap")
 #: distro -> rosbags typestore name and rosbag2 metadata version
 DISTROS = {"kilted": ("ROS2_KILTED", 9), "jazzy": ("ROS2_JAZZY", 8), "humble": ("ROS2_HUMBLE", 8)}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
 @dataclass
 class BagFrame:
     """One camera frame: BGR uint8 (H, W, 3) image, optional (H, W) uint8 label (255 = unlabeled), its name."""
@@ -223,12 +220,13 @@ def dataset_frames(kind: str, root: str | Path, split: str, limit: int | None = 
 def folder_frames(images: str | Path, labels: str | Path | None = None, limit: int | None = None
                   ) -> tuple[dict[str, object], int, Iterator[BagFrame]]:
     """Frames from a plain image folder (sorted by name); labels (same stem, class-id PNG) are optional."""
+    from ecmnet_core.data.builders import IMAGE_EXTENSIONS, image_files
     from ecmnet_core.data.io import read_image, read_label
 
     images = Path(images)
     if not images.is_dir():
         raise BagError(f"--images {images} is not a folder")
-    paths = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = image_files(images)
     if not paths:
         raise BagError(f"--images {images} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
     paths = paths[:limit] if limit else paths

@@ -21,7 +21,8 @@ CLASSES_FILES = ("classes.yaml", "classes.yml")
 UNION_SPLITS = {"trainval": ("train", "val")}
 
 
-def _images_in(folder: Path, recursive: bool = False) -> list[Path]:
+def image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The image files in ``folder`` (any of :data:`IMAGE_EXTENSIONS`, any case), sorted by path."""
     pattern = "**/*" if recursive else "*"
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -101,7 +102,7 @@ def camvid_samples(root: Path, split: str) -> list[Sample]:
             raise DataError(f"camvid split {part!r}: folder {images} does not exist (splits found: {available})")
         if not labels.is_dir():
             raise DataError(f"camvid split {part!r}: label folder {labels} does not exist")
-        samples += [Sample(p, _find_label(labels, p.stem), p.stem) for p in _images_in(images)]
+        samples += [Sample(p, _find_label(labels, p.stem), p.stem) for p in image_files(images)]
     return samples
 
 
@@ -138,7 +139,7 @@ def folder_samples(root: Path, split: str) -> list[Sample]:
                         f"(looked for {', '.join(str(c[0]) for c in candidates)})")
     images, labels = found
     has_labels = labels.is_dir()
-    return [Sample(p, _find_label(labels, p.stem) if has_labels else None, p.stem) for p in _images_in(images)]
+    return [Sample(p, _find_label(labels, p.stem) if has_labels else None, p.stem) for p in image_files(images)]
 
 
 def detect_kind(root: str | Path) -> str:
