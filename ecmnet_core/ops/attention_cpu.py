@@ -13,7 +13,7 @@ There is no backward: the dispatcher uses this kernel only when no autograd grap
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
+import functools
 from pathlib import Path
 
 import torch
@@ -46,19 +46,11 @@ def _open(path: Path) -> ctypes.CDLL | None:
     return lib
 
 
-@dataclass
-class LibraryLoader(cbuild.LibraryLoader):
-    """:class:`cbuild.LibraryLoader` for the axial-attention kernel (source, file name, ABI check, cache directory)."""
-
-    source: Path | None = field(default=SOURCE, kw_only=True)
-    stem: str = field(default="axial_attention_cpu", kw_only=True)
-    opener: cbuild.Opener | None = field(default=_open, kw_only=True, repr=False)
-    cache_name: str = field(default=CACHE_NAME, kw_only=True)
-    what: str = field(default="compiled CPU axial attention", kw_only=True)
-    # OpenMP: the kernel then runs on PyTorch's intra-op threads (same libgomp.so.1 soname) instead of a team of its
-    # own, which after a PyTorch op would compete with PyTorch's still-spinning workers for the cores.
-    extra_flags: tuple[str, ...] = field(default=("-fopenmp",), kw_only=True)
-
+#: :class:`cbuild.LibraryLoader` for this kernel: ``LibraryLoader(cache=..., native=...)`` overrides any default.
+#: OpenMP: the kernel then runs on PyTorch's intra-op threads (same libgomp.so.1 soname) instead of a team of its
+#: own, which after a PyTorch op would compete with PyTorch's still-spinning workers for the cores.
+LibraryLoader = functools.partial(cbuild.LibraryLoader, source=SOURCE, stem="axial_attention_cpu", opener=_open,
+                                  cache_name=CACHE_NAME, what="compiled CPU axial attention", extra_flags=("-fopenmp",))
 
 _LOADER = LibraryLoader()
 

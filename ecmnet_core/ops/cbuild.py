@@ -95,7 +95,7 @@ class LibraryLoader:
     _lib: ctypes.CDLL | None = None
     _tried: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # The kernel this loader builds; subclasses (or callers) give them defaults.
+    # The kernel this loader builds; each kernel module binds them (functools.partial).
     source: Path | None = field(default=None, kw_only=True)
     stem: str = field(default="", kw_only=True)
     opener: Opener | None = field(default=None, kw_only=True, repr=False)

@@ -23,8 +23,8 @@ same memory. Without gradients (``torch.no_grad``, inference) no states are stor
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,23 +76,10 @@ def _open(path: Path) -> ctypes.CDLL | None:
     return lib
 
 
-@dataclass
-class LibraryLoader(cbuild.LibraryLoader):
-    """Builds (once; cached on disk) and loads the selective-scan library: :class:`cbuild.LibraryLoader` with the
-    scan's source, file name, ABI check and cache directory as defaults. Thread-safe.
-
-    ``compiler`` None: :func:`find_compiler`; ``cache`` None: :func:`cache_dir`; ``native``: try ``-march=native``
-    first. ``load()`` returns the :class:`ctypes.CDLL`, or None with the reason in ``error`` (warned once).
-    """
-
-    source: Path | None = field(default=SOURCE, kw_only=True)
-    stem: str = field(default="selective_scan_cpu", kw_only=True)
-    opener: cbuild.Opener | None = field(default=_open, kw_only=True, repr=False)
-    cache_name: str = field(default=CACHE_NAME, kw_only=True)
-    what: str = field(default="compiled CPU selective scan", kw_only=True)
-    # OpenMP first: the kernel then runs on PyTorch's intra-op threads (see csrc: run_tasks)
-    extra_flags: tuple[str, ...] = field(default=("-fopenmp",), kw_only=True)
-
+#: :class:`cbuild.LibraryLoader` for the selective scan: ``LibraryLoader(compiler=..., cache=..., native=...)``
+#: overrides any default. OpenMP first: the kernel then runs on PyTorch's intra-op threads (see csrc: run_tasks).
+LibraryLoader = functools.partial(cbuild.LibraryLoader, source=SOURCE, stem="selective_scan_cpu", opener=_open,
+                                  cache_name=CACHE_NAME, what="compiled CPU selective scan", extra_flags=("-fopenmp",))
 
 _LOADER = LibraryLoader()
 
