@@ -116,3 +116,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def threads():
+    """``threads(n)`` sets the intra-op thread count for one test; the previous count is restored afterwards."""
+    import torch
+
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)

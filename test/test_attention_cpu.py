@@ -34,14 +34,6 @@ def lanes() -> int:
     return lib.ecmnet_attn_lanes()
 
 
-@pytest.fixture
-def threads():
-    """Run with a given number of intra-op threads, restored afterwards."""
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
-
-
 def make_qkv(batch: int, dk: int, c: int, h: int, w: int, seed: int = 0, channels_last: bool = True):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, n, h, w, generator=gen) for n in (dk, dk, c))

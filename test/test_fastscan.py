@@ -30,14 +30,6 @@ def lanes() -> int:
     return lib.ecmnet_scan_lanes()
 
 
-@pytest.fixture
-def threads():
-    """Run with a given number of intra-op threads, restored afterwards."""
-    saved = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(saved)
-
-
 def make_inputs(batch: int, dim: int, length: int, n: int, groups: int, seed: int = 0, optional: bool = True,
                 delta_max: float | None = None) -> dict[str, torch.Tensor | None]:
     g = torch.Generator().manual_seed(seed)
