@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecmnet_core.ops import scan_cpu
+from ecmnet_core.ops import cbuild, scan_cpu
 from ecmnet_core.ops.selective_scan import available_backends, resolve_backend, selective_scan_fn, selective_scan_ref
 
 RTOL, ATOL_REL = 1e-4, 1e-5  # against float64: atol = ATOL_REL * max|reference|
@@ -245,7 +245,7 @@ def test_bad_shapes_name_the_input(lanes: int, change, message: str) -> None:
 
 def test_portable_build_is_cached_and_correct(tmp_path: Path, monkeypatch) -> None:
     """A build without -march=native into an empty cache compiles once; a second loader reuses the file."""
-    if scan_cpu.find_compiler() is None:
+    if cbuild.find_compiler() is None:
         pytest.skip("no C++ compiler")
     first = scan_cpu.LibraryLoader(cache=tmp_path, native=False)
     lib = first.load()

@@ -162,7 +162,7 @@ class LibraryLoader:
         raise RuntimeError("compiling the kernel failed: " + " | ".join(failures))
 
 
-def _writable(directory: Path, name: str = "scan_cpu") -> Path:
+def _writable(directory: Path, name: str) -> Path:
     """``directory``, created if needed, or the per-user temporary directory ``name`` when it cannot be written."""
     try:
         directory.mkdir(parents=True, exist_ok=True)

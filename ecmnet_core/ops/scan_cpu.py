@@ -32,16 +32,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ecmnet_core.ops import cbuild
-from ecmnet_core.ops.cbuild import (  # noqa: F401 -- re-exported: the scan's public build API and test hooks
-    BASE_FLAGS,
-    CACHE_ENV,
-    NATIVE_FLAGS,
-    BuildInfo,
-    _compile,
-    _cpu_tag,
-    _writable,
-    find_compiler,
-)
+from ecmnet_core.ops.cbuild import BuildInfo
 
 ABI_VERSION = 3
 SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
