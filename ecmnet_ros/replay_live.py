@@ -555,14 +555,14 @@ class LiveReplay:
 
 # ------------------------------------------------------------------------------------------------ CLI glue
 def config_from_args(args: argparse.Namespace) -> LiveReplayConfig:
-    from ecmnet_core.inference import InferenceConfig
+    from ecmnet_core.inference import inference_config_from_args
 
-    # the spawned node gets the model settings offline replay uses (InferenceConfig defaults where not given)
-    params = {"checkpoint": args.checkpoint or "", "model": args.model or "", "device": args.device,
-              "scan_backend": args.scan_backend or "", "channels_last": InferenceConfig().channels_last,
-              "input_size": list(args.input_size) if args.input_size else None, "backend": args.backend,
-              "dtype": "fp16" if args.fp16 else args.dtype, "optimize": not args.no_optimize,
-              "compile": args.compile, "jit": not args.no_jit}
+    # the spawned node gets the model settings offline replay uses: the same options, read the same way
+    cfg = inference_config_from_args(args)
+    params = {"checkpoint": cfg.checkpoint or "", "model": args.model or "", "device": cfg.device,
+              "scan_backend": cfg.scan_backend or "", "channels_last": cfg.channels_last,
+              "input_size": list(cfg.input_size) if cfg.input_size else None, "backend": cfg.backend,
+              "dtype": cfg.precision, "optimize": cfg.optimize, "compile": cfg.compile, "jit": cfg.jit}
     if args.num_classes:
         params["num_classes"] = args.num_classes
     return LiveReplayConfig(

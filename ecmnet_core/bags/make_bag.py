@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 STORAGES = ("sqlite3", "mcap")
 #: distro -> rosbags typestore name and rosbag2 metadata version
 DISTROS = {"kilted": ("ROS2_KILTED", 9), "jazzy": ("ROS2_JAZZY", 8), "humble": ("ROS2_HUMBLE", 8)}
+
+
 @dataclass
 class BagFrame:
     """One camera frame: BGR uint8 (H, W, 3) image, optional (H, W) uint8 label (255 = unlabeled), its name."""
