@@ -32,18 +32,8 @@ _ARGTYPES = [_P] * 4 + [_I64] * 5 + [ctypes.c_float, _INT]
 _ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
 
 
-def _open(path: Path) -> ctypes.CDLL | None:
-    """Load the library and declare its functions; None if it cannot be loaded or has another ABI."""
-    try:
-        lib = ctypes.CDLL(str(path))
-        if lib.ecmnet_attn_abi_version() != ABI_VERSION:
-            return None
-    except (OSError, AttributeError):
-        return None
-    lib.ecmnet_axial_attention.argtypes = _ARGTYPES
-    lib.ecmnet_axial_attention.restype = _INT
-    lib.ecmnet_attn_lanes.restype = _INT
-    return lib
+_open = cbuild.abi_opener("ecmnet_attn_abi_version", ABI_VERSION, {
+    "ecmnet_axial_attention": (_ARGTYPES, _INT), "ecmnet_attn_lanes": (None, _INT)})
 
 
 #: :class:`cbuild.LibraryLoader` for this kernel: ``LibraryLoader(cache=..., native=...)`` overrides any default.

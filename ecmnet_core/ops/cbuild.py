@@ -66,6 +66,29 @@ def _cpu_tag() -> str:
     return "\n".join(dict.fromkeys(keep)) or f"{platform.machine()} {platform.processor()}"
 
 
+def abi_opener(abi_function: str, abi_version: int,
+               signatures: dict[str, tuple[list | None, type | None]]) -> Opener:
+    """An :data:`Opener` for a kernel library: loads it, checks ``abi_function()`` == ``abi_version`` and declares
+    ``signatures`` (function name -> (argtypes, restype); None leaves ctypes' default). The opener returns None when
+    the file cannot be loaded, lacks a symbol or has another ABI, so the loader rebuilds it."""
+
+    def open_library(path: Path) -> ctypes.CDLL | None:
+        try:
+            lib = ctypes.CDLL(str(path))
+            if getattr(lib, abi_function)() != abi_version:
+                return None
+            for name, (argtypes, restype) in signatures.items():
+                function = getattr(lib, name)
+                if argtypes is not None:
+                    function.argtypes = argtypes
+                function.restype = restype
+        except (OSError, AttributeError):
+            return None
+        return lib
+
+    return open_library
+
+
 @dataclass
 class BuildInfo:
     """How the library was obtained: its path, whether this process compiled it, and how long that took."""
@@ -194,4 +217,5 @@ def _compile(compiler: str, flags: tuple[str, ...], path: Path, source: Path) ->
             os.unlink(tmp)
 
 
-__all__ = ["BASE_FLAGS", "CACHE_ENV", "NATIVE_FLAGS", "BuildInfo", "LibraryLoader", "cache_dir", "find_compiler"]
+__all__ = ["BASE_FLAGS", "CACHE_ENV", "NATIVE_FLAGS", "BuildInfo", "LibraryLoader", "abi_opener", "cache_dir",
+           "find_compiler"]

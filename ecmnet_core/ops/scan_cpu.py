@@ -51,20 +51,9 @@ def cache_dir() -> Path:
     return cbuild.cache_dir(CACHE_NAME)
 
 
-def _open(path: Path) -> ctypes.CDLL | None:
-    """Load the library and declare its functions; None if it cannot be loaded or has another ABI."""
-    try:
-        lib = ctypes.CDLL(str(path))
-        if lib.ecmnet_scan_abi_version() != ABI_VERSION:
-            return None
-    except (OSError, AttributeError):
-        return None
-    lib.ecmnet_scan_fwd.argtypes = _FWD_ARGTYPES
-    lib.ecmnet_scan_fwd.restype = _INT
-    lib.ecmnet_scan_bwd.argtypes = _BWD_ARGTYPES
-    lib.ecmnet_scan_bwd.restype = _INT
-    lib.ecmnet_scan_lanes.restype = _INT
-    return lib
+_open = cbuild.abi_opener("ecmnet_scan_abi_version", ABI_VERSION, {
+    "ecmnet_scan_fwd": (_FWD_ARGTYPES, _INT), "ecmnet_scan_bwd": (_BWD_ARGTYPES, _INT),
+    "ecmnet_scan_lanes": (None, _INT)})
 
 
 #: :class:`cbuild.LibraryLoader` for the selective scan: ``LibraryLoader(compiler=..., cache=..., native=...)``
