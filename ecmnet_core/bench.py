@@ -501,6 +501,11 @@ def _speedups(results: dict[str, dict[str, dict]], ours: str) -> dict[str, dict[
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scan", action="store_true", help="time the selective-scan backends instead of the model")
+    parser.add_argument("--train", action="store_true",
+                        help="time training steps (baseline vs default path, in rounds) at --size and --batch, "
+                             "and the data pipeline")
+    parser.add_argument("--data", default=None,
+                        help="--train: CamVid-style root for the data-loading figure (default ../shared/camvid)")
     parser.add_argument("--model", default="ecmnet", choices=list(VARIANTS), help="model variant (default ecmnet)")
     parser.add_argument("--classes", type=int, default=11, help="number of classes (default 11, CamVid)")
     parser.add_argument("--size", type=int, nargs=2, default=(360, 480), metavar=("H", "W"),
@@ -607,7 +612,18 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     size = (int(args.size[0]), int(args.size[1]))
     try:
-        if args.paths is not None:
+        if args.train:
+            from ecmnet_core.bench_train import TrainBenchConfig, bench_train, format_train
+
+            if args.batch < 1:
+                raise ValueError(f"--batch must be >= 1, got {args.batch}")
+            tcfg = TrainBenchConfig(size=size, batch=args.batch, classes=args.classes, model=args.model,
+                                    runs=5 if args.runs is None else args.runs,
+                                    warmup=1 if args.warmup is None else args.warmup,
+                                    budget_s=max(args.budget, 120.0), data=args.data)
+            result = bench_train(tcfg)
+            text = format_train
+        elif args.paths is not None:
             from ecmnet_core.bench_paths import PathsBenchConfig, bench_paths, format_paths, parse_size
 
             sizes = tuple(parse_size(v) for v in args.sizes) if args.sizes else None

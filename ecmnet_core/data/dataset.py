@@ -43,12 +43,31 @@ class SegmentationDataset(Dataset):
         transform: Transform,
         info: DatasetInfo,
         seed: int | None = None,
+        cache: bool = False,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.info = info
         self.seed = seed
         self.epoch = 0
+        #: decoded (image, label) pairs as uint8, kept after the first read (``cache=True``); fill it with
+        #: :meth:`fill_cache` before DataLoader workers fork, so they share it instead of decoding again
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray | None]] | None = {} if cache else None
+
+    def fill_cache(self) -> int:
+        """Decode every sample into the cache now; returns its size in bytes (0 without a cache)."""
+        if self.cache is None:
+            return 0
+        for i in range(len(self)):
+            self._raw(i)
+        return sum(im.nbytes + (lb.nbytes if lb is not None else 0) for im, lb in self.cache.values())
+
+    def _raw(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.cache is None:
+            return load_raw(self.samples, index)
+        if index not in self.cache:
+            self.cache[index] = load_raw(self.samples, index)
+        return self.cache[index]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -68,7 +87,7 @@ class SegmentationDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples")
         index %= len(self)
-        image, label = load_raw(self.samples, index)
+        image, label = self._raw(index)
         if label is None:
             label = np.full(image.shape[:2], self.info.ignore_index, dtype=np.uint8)
         return self.transform(image, label, self._rng(index))

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ecmnet_core.ops import bn_prelu_cpu
+
 BN_EPS = 1e-3
 
 
@@ -24,10 +26,23 @@ class PReLU(nn.PReLU):
 
 
 class BNPReLU(nn.Sequential):
-    """BatchNorm2d(eps=1e-3) followed by a per-channel PReLU. (B, C, H, W) -> same."""
+    """BatchNorm2d(eps=1e-3) followed by a per-channel PReLU. (B, C, H, W) -> same.
+
+    ``fused``: in training, on fp32 channels-last CPU tensors, run both as one compiled kernel with its backward
+    (:mod:`ecmnet_core.ops.bn_prelu_cpu`; same function, same running-statistics update). A plain attribute, not
+    saved in checkpoints; the fast training path turns it on.
+    """
+
+    fused: bool = False
 
     def __init__(self, channels: int) -> None:
         super().__init__(nn.BatchNorm2d(channels, eps=BN_EPS), PReLU(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn, prelu = self[0], self[1]
+        if self.fused and self.training and isinstance(bn, nn.BatchNorm2d) and bn_prelu_cpu.fits(x, bn):
+            return bn_prelu_cpu.bn_prelu_train(x, bn, prelu.weight)
+        return prelu(bn(x))
 
 
 class ConvBNPReLU(nn.Sequential):

@@ -37,6 +37,8 @@ SHORTCUTS = {
     "sync_bn": "train.sync_bn",
     "checkpoint_every": "train.checkpoint_every",
     "scan_backend": "model.scan_backend",
+    "init": "train.init",
+    "path": "train.path",
 }
 
 
@@ -50,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folder (default: runs/<config>-<model>-<time>; required with --resume auto)")
     parser.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue from a last.pt; 'auto' uses <out>/last.pt when it exists")
+    parser.add_argument("--init", default=None, metavar="CHECKPOINT|packaged",
+                        help="warm start from these model weights (a fresh optimiser and schedule); "
+                             "ignored when --resume finds a last.pt")
+    parser.add_argument("--path", default=None, choices=["default", "baseline"],
+                        help="training step: default (fast CPU path) or baseline (fp32 NCHW PyTorch), same function")
     parser.add_argument("--model", default=None, help="ecmnet, lines_msau, lines or baseline")
     parser.add_argument("--kind", default=None, choices=["camvid", "cityscapes", "folder", "shards"],
                         help="dataset layout (default: detected)")

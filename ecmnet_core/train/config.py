@@ -53,6 +53,8 @@ class DataSection:
     val_scale: float = 1.0
     batch_size: int = 8
     workers: int = 4
+    #: keep the decoded training images in memory as uint8 (decoded once, before the loader workers fork)
+    cache: bool = True
     #: "enet" (1/ln(1.10+p) from the training data), "none", or an explicit list of K weights
     class_weights: Any = "enet"
 
@@ -96,6 +98,12 @@ class TrainSection:
     checkpoint_every: int = 0
     #: give up after this many consecutive batches with a non-finite loss
     max_bad_batches: int = 20
+    #: warm start: model weights (not optimiser or schedule) from this checkpoint, "packaged" for the shipped
+    #: CamVid model; ignored when the run resumes from its own last.pt
+    init: str | None = None
+    #: how the step runs: "default" (channels-last, fused CPU kernels; ecmnet_core.train.train_path) or
+    #: "baseline" (fp32 NCHW, pure-PyTorch scan), for comparisons; both compute the same function
+    path: str = "default"
     progress: bool = True
 
 

@@ -42,6 +42,7 @@ from ecmnet_core.train.distributed import DistEnv, any_rank, barrier, broadcast_
 from ecmnet_core.train.losses import WeightedCrossEntropy
 from ecmnet_core.train.run_log import EpochRecord, RunLogger
 from ecmnet_core.train.schedule import WarmupPolyLR, effective_warmup
+from ecmnet_core.train.train_path import apply_train_path, prepare_batch, train_path
 
 
 class TrainingError(RuntimeError):
@@ -105,9 +106,12 @@ class Trainer:
 
         self._setup_data()
         self._setup_model()
+        self.init_source: str | None = None
         self.resume_path = self._resume_path(resume)
         if self.resume_path is not None:
             self._load_training_state(self.resume_path)
+        elif config.train.init:
+            self._load_init_weights(config.train.init)
 
     # -------------------------------------------------------------------------------------------- set-up
     def _setup_data(self) -> None:
@@ -141,7 +145,8 @@ class Trainer:
             self.train_samples,
             TrainTransform(d.crop, self.stats.mean_bgr, self.stats.std_bgr, self.info.ignore_index,
                            scale_range=d.scale_range, flip=d.flip, jitter=d.jitter, base_scale=d.base_scale),
-            self.info, seed=self.config.train.seed)
+            self.info, seed=self.config.train.seed, cache=d.cache)
+        self.train_set.fill_cache()
         self.sampler = DistributedSampler(self.train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                           seed=self.config.train.seed, drop_last=False)
         self.iters_per_epoch = len(self.sampler) // d.batch_size
@@ -180,6 +185,8 @@ class Trainer:
             elif self.env.is_main:  # torch's SyncBatchNorm has no CPU implementation
                 warnings.warn("train.sync_bn ignored: SyncBatchNorm needs CUDA", stacklevel=2)
         self.model = model.to(self.device)
+        self.path = train_path(c.path, self.device, m.scan_backend)
+        apply_train_path(self.model, self.path)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.env.distributed else None)
 
@@ -226,6 +233,15 @@ class Trainer:
         if not path.is_file():
             raise CheckpointError(f"--resume {path}: no such checkpoint")
         return path
+
+    def _load_init_weights(self, init: str) -> None:
+        """Warm start: model weights only; optimiser, schedule and counters start fresh."""
+        path = None if init == "packaged" else Path(init)
+        if path is not None and not path.is_file():
+            raise CheckpointError(f"train.init {path}: no such checkpoint")
+        ckpt = load_checkpoint(path, expect_classes=self.info.num_classes, expect_model=self.config.model.name)
+        load_state_into(self.model, ckpt, str(path or "packaged model"))
+        self.init_source = str(path or "packaged")
 
     def _load_training_state(self, path: Path) -> None:
         ckpt = load_checkpoint(path, expect_classes=self.info.num_classes, expect_model=self.config.model.name)
@@ -371,7 +387,7 @@ class Trainer:
     def _print_header(self) -> None:
         c, d = self.config, self.config.data
         resumed = f", resumed from {self.resume_path} at epoch {self.epoch} iteration {self.global_iter}" \
-            if self.resume_path else ""
+            if self.resume_path else (f", warm start from {self.init_source}" if self.init_source else "")
         params = sum(p.numel() for p in self.model.parameters())
         print(f"train {c.model.name} ({params:,} params) on {self.info.name} {self.kind} {d.root}: "
               f"{len(self.train_samples)} train / {len(self.val_samples)} val images, crop {d.crop[0]}x{d.crop[1]}, "
@@ -379,7 +395,8 @@ class Trainer:
               f"{self.input_size[0]}x{self.input_size[1]})", file=sys.stderr)
         print(f"  {c.optim.name} lr {c.optim.lr} wd {c.optim.weight_decay}, batch {d.batch_size} x "
               f"{self.env.world_size} process(es), {self.iters_per_epoch} it/epoch, {self.total_iters} iterations, "
-              f"device {self.device}, amp {self.amp}, scan backend {self.model.scan_backend(self.device)}, "
+              f"device {self.device}, amp {self.amp}, path {self.path.name}, "
+              f"scan backend {self.model.scan_backend(self.device)}, "
               f"run dir {self.run_dir}{resumed}", file=sys.stderr)
         if self.class_weights:
             print("  class weights " + " ".join(f"{w:.3f}" for w in self.class_weights), file=sys.stderr)
@@ -410,7 +427,7 @@ class Trainer:
                     raise
                 stopped = "signal"  # Ctrl-C also reached the loader workers; the state is still consistent
                 break
-            images = images.to(self.device, non_blocking=True)
+            images = prepare_batch(images.to(self.device, non_blocking=True), self.path)
             labels = labels.to(self.device, non_blocking=True)
             lr = self.optimizer.param_groups[0]["lr"]
             # BatchNorm statistics change in the forward pass: keep a copy to undo a bad batch (a few KB)

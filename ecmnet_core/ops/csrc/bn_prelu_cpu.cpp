@@ -1,0 +1,256 @@
+// Training-mode BatchNorm2d followed by a per-channel PReLU, forward and backward, fp32, channels-last, behind a
+// plain C ABI: the fused training path of BNPReLU (ecmnet_core/ops/bn_prelu_cpu.py).
+//
+// PyTorch runs the pair as four kernels (batch_norm, prelu and their backwards), each a full pass or two over the
+// activation, and its PReLU backward reduces the weight gradient slowly on channels-last tensors. Here each
+// direction is two passes over (M, C) rows, M = batch * h * w, with per-thread channel partial sums.
+//
+// Forward, per channel c, over the M rows:
+//     mean, var (biased) of x;  s = gamma * rsqrt(var + eps);  t = beta - mean * s
+//     z = x * s + t;  out = z > 0 ? z : a * z
+// Backward, with g = dout * (z > 0 ? 1 : a), xhat = (x - mean) * invstd:
+//     da = sum dout * min(z, 0);  dbeta = sum g;  dgamma = sum g * xhat
+//     dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M)
+// Sums are accumulated in float over blocks of ROWS rows, then in double, so long maps keep their precision; the
+// forward statistics use the shifted-data formula (shift = the first row), which avoids E[x^2] - E[x]^2 cancellation.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+using i64 = int64_t;
+
+constexpr int ABI_VERSION = 1;
+constexpr i64 ROWS = 64;  // rows per float partial sum
+constexpr i64 C_MAX = 4096;
+
+int team_size(int threads, i64 m, i64 c) {
+    // below ~64 k elements per thread, one more thread does not pay for itself
+    const i64 by_work = std::max<i64>(1, (m * c) / (i64(1) << 16));
+    return static_cast<int>(std::max<i64>(1, std::min<i64>(std::max(threads, 1), by_work)));
+}
+
+// Rows [lo, hi) of thread t of n.
+inline void split(i64 m, int t, int n, i64& lo, i64& hi) {
+    const i64 blocks = (m + ROWS - 1) / ROWS;
+    lo = std::min(m, blocks * t / n * ROWS);
+    hi = std::min(m, blocks * (t + 1) / n * ROWS);
+}
+
+// Per-channel sums of (x - shift) and its square over rows [r0, r1), added to f1, f2.
+void moments(const float* __restrict__ x, const float* __restrict__ shift, float* __restrict__ f1,
+             float* __restrict__ f2, i64 r0, i64 r1, i64 c) {
+    for (i64 r = r0; r < r1; ++r) {
+        const float* __restrict__ row = x + r * c;
+        for (i64 j = 0; j < c; ++j) {
+            const float d = row[j] - shift[j];
+            f1[j] += d;
+            f2[j] += d * d;
+        }
+    }
+}
+
+// out = prelu(x * s + b) over rows [r0, r1).
+void affine_prelu(const float* __restrict__ x, const float* __restrict__ s, const float* __restrict__ b,
+                  const float* __restrict__ a, float* __restrict__ out, i64 r0, i64 r1, i64 c) {
+    for (i64 r = r0; r < r1; ++r) {
+        const float* __restrict__ row = x + r * c;
+        float* __restrict__ o = out + r * c;
+        for (i64 j = 0; j < c; ++j) {
+            const float z = row[j] * s[j] + b[j];
+            o[j] = z > 0.0f ? z : a[j] * z;
+        }
+    }
+}
+
+// Backward sums over rows [r0, r1): fg += g, fgx += g * (x - mean), fa += dout * min(z, 0).
+void grad_sums(const float* __restrict__ x, const float* __restrict__ dout, const float* __restrict__ s,
+               const float* __restrict__ b, const float* __restrict__ a, const float* __restrict__ mean,
+               float* __restrict__ fg, float* __restrict__ fgx, float* __restrict__ fa, i64 r0, i64 r1, i64 c) {
+    for (i64 r = r0; r < r1; ++r) {
+        const float* __restrict__ row = x + r * c;
+        const float* __restrict__ dy = dout + r * c;
+        for (i64 j = 0; j < c; ++j) {
+            const float z = row[j] * s[j] + b[j];
+            const bool pos = z > 0.0f;
+            const float g = pos ? dy[j] : a[j] * dy[j];
+            fa[j] += pos ? 0.0f : dy[j] * z;
+            fg[j] += g;
+            fgx[j] += g * (row[j] - mean[j]);
+        }
+    }
+}
+
+// dx = s * g - k1 - k2 * (x - mean) over rows [r0, r1).
+void grad_input(const float* __restrict__ x, const float* __restrict__ dout, const float* __restrict__ s,
+                const float* __restrict__ b, const float* __restrict__ a, const float* __restrict__ mean,
+                const float* __restrict__ k1, const float* __restrict__ k2, float* __restrict__ dx, i64 r0, i64 r1,
+                i64 c) {
+    for (i64 r = r0; r < r1; ++r) {
+        const float* __restrict__ row = x + r * c;
+        const float* __restrict__ dy = dout + r * c;
+        float* __restrict__ o = dx + r * c;
+        for (i64 j = 0; j < c; ++j) {
+            const float z = row[j] * s[j] + b[j];
+            const float g = z > 0.0f ? dy[j] : a[j] * dy[j];
+            o[j] = s[j] * g - k1[j] - k2[j] * (row[j] - mean[j]);
+        }
+    }
+}
+
+template <class F>
+void parallel(int team, F&& body) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team)
+    body(omp_get_thread_num(), omp_get_num_threads());
+#else
+    (void)team;
+    body(0, 1);
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+int ecmnet_bnp_abi_version() {
+    return ABI_VERSION;
+}
+
+// x, out: (m, c) contiguous. gamma, beta, a: (c). mean_out, var_out (biased), invstd_out: (c), written.
+// Returns 0, or 1 for invalid sizes, 2 for a null pointer, 5 when memory runs out.
+int ecmnet_bn_prelu_forward(const float* x, const float* gamma, const float* beta, const float* a, float* out,
+                            float* mean_out, float* var_out, float* invstd_out, int64_t m, int64_t c, float eps,
+                            int threads) {
+    if (m < 1 || c < 1 || c > C_MAX) return 1;
+    if (!x || !gamma || !beta || !a || !out || !mean_out || !var_out || !invstd_out) return 2;
+    const int team = team_size(threads, m, c);
+    std::vector<double> part;
+    try {
+        part.assign(static_cast<size_t>(team * 2 * c), 0.0);
+    } catch (...) {
+        return 5;
+    }
+    const float* shift = x;  // first row
+    int used = team;
+    parallel(team, [&](int t, int n) {
+        if (t == 0) used = n;
+        i64 lo, hi;
+        split(m, t, n, lo, hi);
+        double* s1 = part.data() + t * 2 * c;
+        double* s2 = s1 + c;
+        std::vector<float> f1(static_cast<size_t>(c)), f2(static_cast<size_t>(c));
+        for (i64 r0 = lo; r0 < hi; r0 += ROWS) {
+            std::fill(f1.begin(), f1.end(), 0.0f);
+            std::fill(f2.begin(), f2.end(), 0.0f);
+            moments(x, shift, f1.data(), f2.data(), r0, std::min(hi, r0 + ROWS), c);
+            for (i64 j = 0; j < c; ++j) {
+                s1[j] += f1[j];
+                s2[j] += f2[j];
+            }
+        }
+    });
+    std::vector<float> s(static_cast<size_t>(c)), b(static_cast<size_t>(c));
+    for (i64 j = 0; j < c; ++j) {
+        double d1 = 0.0, d2 = 0.0;
+        for (int t = 0; t < used; ++t) {
+            d1 += part[t * 2 * c + j];
+            d2 += part[t * 2 * c + c + j];
+        }
+        const double dm = d1 / static_cast<double>(m);
+        const double var = std::max(0.0, d2 / static_cast<double>(m) - dm * dm);
+        const double mean = shift[j] + dm;
+        const double invstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
+        mean_out[j] = static_cast<float>(mean);
+        var_out[j] = static_cast<float>(var);
+        invstd_out[j] = static_cast<float>(invstd);
+        s[j] = static_cast<float>(gamma[j] * invstd);
+        b[j] = static_cast<float>(beta[j] - mean * gamma[j] * invstd);
+    }
+    const float* sp = s.data();
+    const float* bp = b.data();
+    parallel(team, [&](int t, int n) {
+        i64 lo, hi;
+        split(m, t, n, lo, hi);
+        affine_prelu(x, sp, bp, a, out, lo, hi, c);
+    });
+    return 0;
+}
+
+// dout, x, dx: (m, c) contiguous. mean, invstd (from the forward), gamma, beta, a: (c).
+// dgamma, dbeta, da: (c), written. dx may be null (input needs no gradient).
+int ecmnet_bn_prelu_backward(const float* dout, const float* x, const float* mean, const float* invstd,
+                             const float* gamma, const float* beta, const float* a, float* dx, float* dgamma,
+                             float* dbeta, float* da, int64_t m, int64_t c, int threads) {
+    if (m < 1 || c < 1 || c > C_MAX) return 1;
+    if (!dout || !x || !mean || !invstd || !gamma || !beta || !a || !dgamma || !dbeta || !da) return 2;
+    const int team = team_size(threads, m, c);
+    std::vector<double> part;
+    std::vector<float> s(static_cast<size_t>(c)), b(static_cast<size_t>(c));
+    try {
+        part.assign(static_cast<size_t>(team * 3 * c), 0.0);
+    } catch (...) {
+        return 5;
+    }
+    for (i64 j = 0; j < c; ++j) {
+        s[j] = gamma[j] * invstd[j];
+        b[j] = beta[j] - mean[j] * s[j];
+    }
+    const float* sp = s.data();
+    const float* bp = b.data();
+    int used = team;
+    parallel(team, [&](int t, int n) {
+        if (t == 0) used = n;
+        i64 lo, hi;
+        split(m, t, n, lo, hi);
+        double* pg = part.data() + t * 3 * c;
+        double* pgx = pg + c;
+        double* pa = pgx + c;
+        std::vector<float> fg(static_cast<size_t>(c)), fgx(static_cast<size_t>(c)), fa(static_cast<size_t>(c));
+        for (i64 r0 = lo; r0 < hi; r0 += ROWS) {
+            std::fill(fg.begin(), fg.end(), 0.0f);
+            std::fill(fgx.begin(), fgx.end(), 0.0f);
+            std::fill(fa.begin(), fa.end(), 0.0f);
+            grad_sums(x, dout, sp, bp, a, mean, fg.data(), fgx.data(), fa.data(), r0, std::min(hi, r0 + ROWS), c);
+            for (i64 j = 0; j < c; ++j) {
+                pg[j] += fg[j];
+                pgx[j] += fgx[j];
+                pa[j] += fa[j];
+            }
+        }
+    });
+    std::vector<float> k1(static_cast<size_t>(c)), k2(static_cast<size_t>(c));
+    for (i64 j = 0; j < c; ++j) {
+        double sg = 0.0, sgx = 0.0, sa = 0.0;
+        for (int t = 0; t < used; ++t) {
+            sg += part[t * 3 * c + j];
+            sgx += part[t * 3 * c + c + j];
+            sa += part[t * 3 * c + 2 * c + j];
+        }
+        sgx *= invstd[j];  // sum g * xhat
+        dgamma[j] = static_cast<float>(sgx);
+        dbeta[j] = static_cast<float>(sg);
+        da[j] = static_cast<float>(sa);
+        // dx = s * g - s * (sg / m) - s * invstd * (sgx / m) * (x - mean)
+        k1[j] = static_cast<float>(gamma[j] * invstd[j] * sg / static_cast<double>(m));
+        k2[j] = static_cast<float>(gamma[j] * invstd[j] * invstd[j] * sgx / static_cast<double>(m));
+    }
+    if (!dx) return 0;
+    const float* k1p = k1.data();
+    const float* k2p = k2.data();
+    parallel(team, [&](int t, int n) {
+        i64 lo, hi;
+        split(m, t, n, lo, hi);
+        grad_input(x, dout, sp, bp, a, mean, k1p, k2p, dx, lo, hi, c);
+    });
+    return 0;
+}
+
+}  // extern "C"
