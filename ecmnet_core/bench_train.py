@@ -120,7 +120,8 @@ def format_train(r: dict) -> str:
     d = r["data"]
     if d:
         lines.append(f"data loading ({d['images']} images of {d['root']}, 1 process): decode "
-                     f"{d['decode_images_per_s']:.1f} images/s (once, into the cache), augmentation {d['data_images_per_s']:.1f} images/s "
+                     f"{d['decode_images_per_s']:.1f} images/s (once, into the cache), augmentation "
+                     f"{d['data_images_per_s']:.1f} images/s "
                      f"({r['batch'] / d['data_images_per_s']:.2f} s per batch)")
     else:
         lines.append("data loading: no dataset (give --data ROOT; ../shared/camvid not found)")

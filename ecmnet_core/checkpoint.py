@@ -111,6 +111,26 @@ def file_sha256(path: str | os.PathLike, length: int = 12) -> str:
     return digest.hexdigest()[:length]
 
 
+def remove_stale_temporaries(directory: str | os.PathLike, max_age_s: float = 60.0) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files that :func:`save_checkpoint` leaves when killed mid-write (kill -9).
+
+    Only files older than ``max_age_s`` go, so a save in progress in another process is left alone.
+    Returns the removed paths.
+    """
+    import time
+
+    removed = []
+    now = time.time()
+    for tmp in Path(directory).glob(".*.pt.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # gone meanwhile, or not ours to delete
+            continue
+    return removed
+
+
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     """Write atomically: to a temporary file in the same folder, then rename over ``path``."""
     path = Path(path)

@@ -160,3 +160,39 @@ def test_bench_train_reports_both_paths(tmp_path, one_torch_thread):
     assert r["speedup"] == pytest.approx(r["baseline_s_per_iter"] / r["default_s_per_iter"])
     assert r["data_images_per_s"] > 0 and r["data"]["images"] == 4
     assert "default speed-up vs baseline" in format_train(r)
+
+
+def test_progressive_resizing_changes_the_crop_per_stage(tmp_path):
+    from test_train_fixtures import make_camvid
+
+    from ecmnet_core.train.config import load_config
+    from ecmnet_core.train.trainer import Trainer
+
+    root = make_camvid(tmp_path / "camvid", n_train=4, n_val=1)
+    config = load_config("camvid_cpu", [f"data.root={root}", "model.name=baseline", "data.crop=[32, 48]",
+                                        "data.batch_size=2", "data.workers=0", "train.epochs=3",
+                                        "data.stages=[{epochs: 2, scale: 0.5}]", "train.progress=false"])
+    trainer = Trainer(config, tmp_path / "run", tensorboard=False, plots=False)
+    assert [trainer.stage_scale(e) for e in range(3)] == [0.5, 0.5, 1.0]
+    for epoch, shape in ((0, (16, 24)), (2, (32, 48))):
+        images, labels = next(iter(trainer._loader(epoch, 0)))
+        assert tuple(images.shape[-2:]) == shape and tuple(labels.shape[-2:]) == shape
+    with pytest.raises(ValueError, match=r"data.stages\[0\].scale"):
+        Trainer(config.with_overrides(["data.stages=[{epochs: 1, scale: 0}]"]), tmp_path / "bad")
+    with pytest.raises(ValueError, match="more than train.epochs"):
+        Trainer(config.with_overrides(["data.stages=[{epochs: 9, scale: 0.5}]"]), tmp_path / "bad")
+
+
+def test_stale_checkpoint_temporaries_are_removed_on_start(tmp_path):
+    import os
+    import time
+
+    from ecmnet_core.checkpoint import remove_stale_temporaries
+
+    old, fresh = tmp_path / ".last.pt.abc123.tmp", tmp_path / ".last.pt.def456.tmp"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"being written")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    (tmp_path / "last.pt").write_bytes(b"kept")
+    assert remove_stale_temporaries(tmp_path) == [old]
+    assert fresh.exists() and (tmp_path / "last.pt").exists() and not old.exists()

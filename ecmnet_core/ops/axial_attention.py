@@ -35,8 +35,13 @@ BACKENDS = ("torch", "cpp")
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Softmax attention over the sequence axis: q, k (N, S, dk), v (N, S, c) -> (N, S, c)."""
-    attn = torch.softmax(torch.bmm(q, k.transpose(1, 2)) * scale, dim=-1)
-    return torch.bmm(attn, v)
+    if torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+        # training: the scale inside the GEMM saves a pass over the (N, S, S) scores forward and backward
+        scores = torch.baddbmm(q.new_zeros(()).expand(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(1, 2),
+                               beta=0.0, alpha=scale)
+    else:
+        scores = torch.bmm(q, k.transpose(1, 2)) * scale
+    return torch.bmm(torch.softmax(scores, dim=-1), v)
 
 
 def axial_attention_torch(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

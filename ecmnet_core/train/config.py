@@ -53,6 +53,9 @@ class DataSection:
     val_scale: float = 1.0
     batch_size: int = 8
     workers: int = 4
+    #: progressive resizing: [{epochs: N, scale: s}, ...] trains the first N epochs with images and crop scaled by s
+    #: (then the next stage's; epochs after the last stage use the plain settings). Empty: one resolution throughout
+    stages: list[dict[str, Any]] = field(default_factory=list)
     #: keep the decoded training images in memory as uint8 (decoded once, before the loader workers fork)
     cache: bool = True
     #: "enet" (1/ln(1.10+p) from the training data), "none", or an explicit list of K weights

@@ -26,7 +26,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ecmnet_core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_state_into, save_checkpoint
+from ecmnet_core.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_state_into,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from ecmnet_core.data import (
     SegmentationDataset,
     TrainTransform,
@@ -106,6 +113,9 @@ class Trainer:
 
         self._setup_data()
         self._setup_model()
+        if self.env.is_main and self.run_dir.is_dir():
+            for tmp in remove_stale_temporaries(self.run_dir):  # left by a kill -9 during a save
+                print(f"removed stale temporary checkpoint {tmp}", file=sys.stderr)
         self.init_source: str | None = None
         self.resume_path = self._resume_path(resume)
         if self.resume_path is not None:
@@ -141,6 +151,7 @@ class Trainer:
         self.stats = broadcast_object(stats, env)
         self.class_weights = self._class_weights()
 
+        self.stages = _check_stages(d.stages, self.config.train.epochs)
         self.train_set = SegmentationDataset(
             self.train_samples,
             TrainTransform(d.crop, self.stats.mean_bgr, self.stats.std_bgr, self.info.ignore_index,
@@ -342,8 +353,20 @@ class Trainer:
         if self.env.is_main:
             print(f"\nsignal {signum}: saving {self.run_dir / 'last.pt'} after this iteration", file=sys.stderr)
 
+    def stage_scale(self, epoch: int) -> float:
+        """Progressive resizing: the factor on images and crop in ``epoch`` (0-based); 1.0 after the stages."""
+        end = 0
+        for epochs, scale in self.stages:
+            end += epochs
+            if epoch < end:
+                return scale
+        return 1.0
+
     def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
         d = self.config.data
+        f = self.stage_scale(epoch)
+        self.train_set.transform.base_scale = d.base_scale * f
+        self.train_set.transform.crop_size = (max(1, round(d.crop[0] * f)), max(1, round(d.crop[1] * f)))
         self.sampler.set_epoch(epoch)
         self.train_set.set_epoch(epoch)
         indices = list(self.sampler)[skip_batches * d.batch_size:]
@@ -398,6 +421,10 @@ class Trainer:
               f"device {self.device}, amp {self.amp}, path {self.path.name}, "
               f"scan backend {self.model.scan_backend(self.device)}, "
               f"run dir {self.run_dir}{resumed}", file=sys.stderr)
+        if self.stages:
+            plan = ", ".join(f"{n} epochs at x{f:g} (crop {round(d.crop[0] * f)}x{round(d.crop[1] * f)})"
+                             for n, f in self.stages)
+            print(f"  progressive resizing: {plan}, then crop {d.crop[0]}x{d.crop[1]}", file=sys.stderr)
         if self.class_weights:
             print("  class weights " + " ".join(f"{w:.3f}" for w in self.class_weights), file=sys.stderr)
 
@@ -575,6 +602,23 @@ def _flags(bad: bool, stop: bool, env: DistEnv) -> tuple[bool, bool]:
         return bad, stop
     flags = any_rank([bad, stop], env)
     return flags[0], flags[1]
+
+
+def _check_stages(stages: list[Any], epochs: int) -> list[tuple[int, float]]:
+    """``data.stages`` as (epochs, scale) pairs; ValueError naming the entry that is wrong."""
+    out = []
+    for i, stage in enumerate(stages or []):
+        if not isinstance(stage, dict) or set(stage) != {"epochs", "scale"}:
+            raise ValueError(f"data.stages[{i}] must be {{epochs: N, scale: s}}, got {stage!r}")
+        n, f = stage["epochs"], stage["scale"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"data.stages[{i}].epochs must be an integer >= 1, got {n!r}")
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0:
+            raise ValueError(f"data.stages[{i}].scale must be a positive number, got {f!r}")
+        out.append((n, float(f)))
+    if sum(n for n, _ in out) > epochs:
+        raise ValueError(f"data.stages cover {sum(n for n, _ in out)} epochs, more than train.epochs = {epochs}")
+    return out
 
 
 def _nan(value: float | None) -> float:
