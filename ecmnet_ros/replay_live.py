@@ -156,6 +156,7 @@ class _ReplayNode(Node):
 
             self._clock_type = Clock
             self.clock_pub = self.create_publisher(Clock, "/clock", 10)
+            self._clock_order = threading.Lock()
             self.create_timer(1.0 / cfg.clock_hz, self._publish_clock)
         # results: reliable like the node's publishers, deep enough never to lose one while we score the last
         result_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE,
@@ -167,9 +168,11 @@ class _ReplayNode(Node):
     def _publish_clock(self) -> None:
         from builtin_interfaces.msg import Time
 
-        t = self.replay.bag_now()
-        if t is not None:
-            self.clock_pub.publish(self._clock_type(clock=Time(sec=t // 1_000_000_000, nanosec=t % 1_000_000_000)))
+        with self._clock_order:  # compute and publish as one step, so /clock messages leave in time order
+            t = self.replay.bag_now()
+            if t is not None:
+                stamp = Time(sec=t // 1_000_000_000, nanosec=t % 1_000_000_000)
+                self.clock_pub.publish(self._clock_type(clock=stamp))
 
 
 class LiveReplay:
@@ -195,6 +198,7 @@ class LiveReplay:
         self._seq = 0
         self._clock: tuple[float, int] | None = None  # (wall anchor, bag anchor) while playing
         self._clock_hold: int | None = None  # bag time while paused (lock-step wait)
+        self._clock_last: int | None = None  # the latest /clock value handed out
         self._writer: LabelBagWriter | None = None
         self._to_write: list[tuple[int, int, str, np.ndarray]] = []
         self._write_pass = True
@@ -209,11 +213,18 @@ class LiveReplay:
         """Current bag time for /clock: held during lock-step waits, else advancing at ``rate``."""
         with self._lock:
             if self._clock_hold is not None:
-                return self._clock_hold
-            if self._clock is None:
+                t = self._clock_hold
+            elif self._clock is None:
                 return None
-            wall, bag = self._clock
-        return bag + int((time.perf_counter() - wall) * self.config.rate * 1e9)
+            else:
+                wall, bag = self._clock
+                t = bag + int((time.perf_counter() - wall) * self.config.rate * 1e9)
+            # monotonic by construction: a lock-step hold at the previous frame's time, or a re-anchored clock,
+            # can lie behind what was already published; a simulated clock never runs backwards
+            if self._clock_last is not None and t < self._clock_last:
+                t = self._clock_last
+            self._clock_last = t
+            return t
 
     # ------------------------------------------------------------------------------------------- results
     def on_labels(self, msg: Image) -> None:

@@ -147,3 +147,18 @@ def test_cli_live_lockstep_writes_report(bag: Path, tmp_path: Path, capsys) -> N
     summary = json.loads((out / "report.json").read_text())
     assert summary["mode"] == "lockstep" and summary["live"]["published"] == summary["live"]["received"] == 4
     assert summary["segmenter"]["random_weights"] is True and summary["accuracy"]["miou"] is not None
+
+
+def test_bag_clock_never_runs_backwards(bag: Path) -> None:
+    """A lock-step hold at the previous frame's bag time lies behind the running clock: /clock must not follow it
+    back (the fresh-clone failure of test_clock_follows_bag_time)."""
+    import time as _time
+
+    replay = LiveReplay(LiveReplayConfig(bag=str(bag), clock_hz=40.0))
+    replay._clock = (_time.perf_counter() - 0.5, 1_000_000_000)  # playing: half a second past the anchor
+    running = replay.bag_now()
+    replay._clock_hold = 1_000_000_000  # lock-step wait at the previous frame's time
+    held = replay.bag_now()
+    replay._clock, replay._clock_hold = (_time.perf_counter(), 1_000_000_000), None  # re-anchored behind
+    after = replay.bag_now()
+    assert running >= 1_400_000_000 and held == running and after >= held
