@@ -45,5 +45,5 @@ class WeightedCrossEntropy(nn.Module):
         weight = self.weight.to(logits.dtype) if self.weight is not None else None
         # fp32 loss under autocast: log-softmax over K classes in fp16 loses too much. NCHW: the CPU
         # log-softmax over the channel dim of a channels-last tensor is several times slower than the copy
-        return F.cross_entropy(logits.float().contiguous(), target, weight=weight.float() if weight is not None else None,
-                               ignore_index=self.ignore_index)
+        weight = weight.float() if weight is not None else None
+        return F.cross_entropy(logits.float().contiguous(), target, weight=weight, ignore_index=self.ignore_index)
