@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,6 @@ def remove_stale_temporaries(directory: str | os.PathLike, max_age_s: float = 60
     Only files older than ``max_age_s`` go, so a save in progress in another process is left alone.
     Returns the removed paths.
     """
-    import time
-
     removed = []
     now = time.time()
     for tmp in Path(directory).glob(".*.pt.*.tmp"):

@@ -116,6 +116,37 @@ void parallel(int team, F&& body) {
 #endif
 }
 
+// Per-channel sums of K quantities over all m rows, into total (K * c doubles): each thread accumulates blocks of
+// ROWS rows in float (accumulate(r0, r1, f) adds rows [r0, r1) to f[0 .. K * c)), flushed into double partials.
+// False when memory runs out.
+template <int K, class F>
+bool channel_sums(int team, i64 m, i64 c, F&& accumulate, std::vector<double>& total) {
+    const i64 kc = K * c;
+    std::vector<double> part;
+    try {
+        part.assign(static_cast<size_t>(team * kc), 0.0);
+        total.assign(static_cast<size_t>(kc), 0.0);
+    } catch (...) {
+        return false;
+    }
+    int used = team;
+    parallel(team, [&](int t, int n) {
+        if (t == 0) used = n;
+        i64 lo, hi;
+        split(m, t, n, lo, hi);
+        double* p = part.data() + t * kc;
+        std::vector<float> f(static_cast<size_t>(kc));
+        for (i64 r0 = lo; r0 < hi; r0 += ROWS) {
+            std::fill(f.begin(), f.end(), 0.0f);
+            accumulate(r0, std::min(hi, r0 + ROWS), f.data());
+            for (i64 j = 0; j < kc; ++j) p[j] += f[j];
+        }
+    });
+    for (int t = 0; t < used; ++t)
+        for (i64 j = 0; j < kc; ++j) total[j] += part[t * kc + j];
+    return true;
+}
+
 }  // namespace
 
 extern "C" {
@@ -132,40 +163,15 @@ int ecmnet_bn_prelu_forward(const float* x, const float* gamma, const float* bet
     if (m < 1 || c < 1 || c > C_MAX) return 1;
     if (!x || !gamma || !beta || !a || !out || !mean_out || !var_out || !invstd_out) return 2;
     const int team = team_size(threads, m, c);
-    std::vector<double> part;
-    try {
-        part.assign(static_cast<size_t>(team * 2 * c), 0.0);
-    } catch (...) {
-        return 5;
-    }
     const float* shift = x;  // first row
-    int used = team;
-    parallel(team, [&](int t, int n) {
-        if (t == 0) used = n;
-        i64 lo, hi;
-        split(m, t, n, lo, hi);
-        double* s1 = part.data() + t * 2 * c;
-        double* s2 = s1 + c;
-        std::vector<float> f1(static_cast<size_t>(c)), f2(static_cast<size_t>(c));
-        for (i64 r0 = lo; r0 < hi; r0 += ROWS) {
-            std::fill(f1.begin(), f1.end(), 0.0f);
-            std::fill(f2.begin(), f2.end(), 0.0f);
-            moments(x, shift, f1.data(), f2.data(), r0, std::min(hi, r0 + ROWS), c);
-            for (i64 j = 0; j < c; ++j) {
-                s1[j] += f1[j];
-                s2[j] += f2[j];
-            }
-        }
-    });
+    std::vector<double> sums;
+    if (!channel_sums<2>(team, m, c, [&](i64 r0, i64 r1, float* f) { moments(x, shift, f, f + c, r0, r1, c); },
+                         sums))
+        return 5;
     std::vector<float> s(static_cast<size_t>(c)), b(static_cast<size_t>(c));
     for (i64 j = 0; j < c; ++j) {
-        double d1 = 0.0, d2 = 0.0;
-        for (int t = 0; t < used; ++t) {
-            d1 += part[t * 2 * c + j];
-            d2 += part[t * 2 * c + c + j];
-        }
-        const double dm = d1 / static_cast<double>(m);
-        const double var = std::max(0.0, d2 / static_cast<double>(m) - dm * dm);
+        const double dm = sums[j] / static_cast<double>(m);
+        const double var = std::max(0.0, sums[c + j] / static_cast<double>(m) - dm * dm);
         const double mean = shift[j] + dm;
         const double invstd = 1.0 / std::sqrt(var + static_cast<double>(eps));
         mean_out[j] = static_cast<float>(mean);
@@ -192,48 +198,22 @@ int ecmnet_bn_prelu_backward(const float* dout, const float* x, const float* mea
     if (m < 1 || c < 1 || c > C_MAX) return 1;
     if (!dout || !x || !mean || !invstd || !gamma || !beta || !a || !dgamma || !dbeta || !da) return 2;
     const int team = team_size(threads, m, c);
-    std::vector<double> part;
     std::vector<float> s(static_cast<size_t>(c)), b(static_cast<size_t>(c));
-    try {
-        part.assign(static_cast<size_t>(team * 3 * c), 0.0);
-    } catch (...) {
-        return 5;
-    }
     for (i64 j = 0; j < c; ++j) {
         s[j] = gamma[j] * invstd[j];
         b[j] = beta[j] - mean[j] * s[j];
     }
     const float* sp = s.data();
     const float* bp = b.data();
-    int used = team;
-    parallel(team, [&](int t, int n) {
-        if (t == 0) used = n;
-        i64 lo, hi;
-        split(m, t, n, lo, hi);
-        double* pg = part.data() + t * 3 * c;
-        double* pgx = pg + c;
-        double* pa = pgx + c;
-        std::vector<float> fg(static_cast<size_t>(c)), fgx(static_cast<size_t>(c)), fa(static_cast<size_t>(c));
-        for (i64 r0 = lo; r0 < hi; r0 += ROWS) {
-            std::fill(fg.begin(), fg.end(), 0.0f);
-            std::fill(fgx.begin(), fgx.end(), 0.0f);
-            std::fill(fa.begin(), fa.end(), 0.0f);
-            grad_sums(x, dout, sp, bp, a, mean, fg.data(), fgx.data(), fa.data(), r0, std::min(hi, r0 + ROWS), c);
-            for (i64 j = 0; j < c; ++j) {
-                pg[j] += fg[j];
-                pgx[j] += fgx[j];
-                pa[j] += fa[j];
-            }
-        }
-    });
+    std::vector<double> sums;  // g, g * (x - mean), dout * min(z, 0)
+    if (!channel_sums<3>(team, m, c, [&](i64 r0, i64 r1, float* f) {
+            grad_sums(x, dout, sp, bp, a, mean, f, f + c, f + 2 * c, r0, r1, c);
+        }, sums))
+        return 5;
     std::vector<float> k1(static_cast<size_t>(c)), k2(static_cast<size_t>(c));
     for (i64 j = 0; j < c; ++j) {
-        double sg = 0.0, sgx = 0.0, sa = 0.0;
-        for (int t = 0; t < used; ++t) {
-            sg += part[t * 3 * c + j];
-            sgx += part[t * 3 * c + c + j];
-            sa += part[t * 3 * c + 2 * c + j];
-        }
+        const double sg = sums[j], sa = sums[2 * c + j];
+        double sgx = sums[c + j];
         sgx *= invstd[j];  // sum g * xhat
         dgamma[j] = static_cast<float>(sgx);
         dbeta[j] = static_cast<float>(sg);
