@@ -1,10 +1,23 @@
 """ament_python package ``ecmnet_ros``: installs both ``ecmnet_core`` and ``ecmnet_ros``."""
 
+import sys
 from glob import glob
 
 from setuptools import find_packages, setup
 
 PACKAGE = "ecmnet_ros"
+
+# The node's executables keep their ROS names (`ros2 run ecmnet_ros segmenter`) where colcon installs them, in
+# lib/ecmnet_ros (setup.cfg), and take prefixed names where pip puts them on PATH, so a pip user's `replay` or
+# `segmenter` can't shadow another tool's. colcon's ament_python runs `setup.py develop|install`; pip builds a
+# wheel (bdist_wheel, editable_wheel, dist_info). `ecmnet-core` is the same in both.
+ROS_EXECUTABLES = {"segmenter": "ecmnet_ros.segmenter:main", "make_bag": "ecmnet_ros.make_bag:main",
+                   "replay": "ecmnet_ros.replay:main"}
+WHEEL_COMMANDS = {"bdist_wheel", "editable_wheel", "dist_info", "bdist_egg"}
+if WHEEL_COMMANDS.isdisjoint(sys.argv[1:]) and {"develop", "install"} & set(sys.argv[1:]):
+    NODE_SCRIPTS = [f"{name} = {target}" for name, target in ROS_EXECUTABLES.items()]
+else:
+    NODE_SCRIPTS = [f"ecmnet-{name.replace('_', '-')} = {target}" for name, target in ROS_EXECUTABLES.items()]
 
 setup(
     name=PACKAGE,
@@ -49,9 +62,7 @@ setup(
     entry_points={
         "console_scripts": [
             "ecmnet-core = ecmnet_core.cli:main",
-            "segmenter = ecmnet_ros.segmenter:main",
-            "make_bag = ecmnet_ros.make_bag:main",
-            "replay = ecmnet_ros.replay:main",
+            *NODE_SCRIPTS,
         ],
     },
 )

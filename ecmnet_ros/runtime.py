@@ -66,6 +66,11 @@ class Spinner:
         self._thread.start()
         return self
 
+    @property
+    def running(self) -> bool:
+        """True while the spin thread is alive (False before start and once the executor has ended)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _spin(self) -> None:
         try:
             self.executor.spin()

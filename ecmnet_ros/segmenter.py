@@ -17,9 +17,12 @@ activates the node itself unless ``autostart`` is false.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +32,11 @@ import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Float32MultiArray, Header
 
@@ -42,6 +45,7 @@ from ecmnet_core.inference import InferenceConfig, Segmenter
 from ecmnet_ros import diagnostics as diag
 from ecmnet_ros.messages import bgr_message, coverage_array, coverage_stamped, labels_message, scale_camera_info
 from ecmnet_ros.params import CLASS_NAMES, CONFIGURE, DOUBLE, INTEGER, PARAMS, SPECS, STARTUP, LiveSettings, validate
+from ecmnet_ros.runtime import Spinner
 from ecmnet_ros.stats import ErrorCounter, LatencyWindow, LatestSlot, RateMeter
 from ecmnet_ros.topics import StreamTopics, plan_streams
 
@@ -108,6 +112,8 @@ class SegmenterNode(LifecycleNode):
         self._device_note = ""
         self._condition = threading.Condition()
         self._worker: threading.Thread | None = None
+        #: set by ``main`` when a signal asks the process to stop (a configure it interrupts is not an error)
+        self.shutdown_requested = threading.Event()
         self._stopping = False
         super().__init__(node_name, **kwargs)
         for spec in PARAMS:
@@ -186,6 +192,9 @@ class SegmenterNode(LifecycleNode):
             plans = plan_streams(list(topics), self.get_parameter("compressed").value, self.get_name())
             segmenter = Segmenter(config)
         except Exception as exc:  # bad checkpoint, unavailable device, bad topics: say why, stay unconfigured
+            if self.shutdown_requested.is_set():  # a signal interrupted the load or warm-up: not an error
+                log.info("configure interrupted: shutting down")
+                return TransitionCallbackReturn.FAILURE
             self._last_error = f"configure failed: {exc}"
             log.error(self._last_error)
             return TransitionCallbackReturn.FAILURE
@@ -472,26 +481,76 @@ class SegmenterNode(LifecycleNode):
             self.get_logger().warning(f"diagnostics skipped: {exc!r}", throttle_duration_sec=10.0)
 
 
-def main(args: list[str] | None = None) -> int:
-    """``ros2 run ecmnet_ros segmenter`` / the ``segmenter`` console script."""
-    rclpy.init(args=args if args is not None else sys.argv)
-    node = SegmenterNode()
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
-    code = 0
+class ShutdownRequested(Exception):
+    """A SIGINT/SIGTERM raised into a configure that runs on the main thread (checkpoint load, trace, warm-up),
+    so that a signal during a slow start-up ends the process at once instead of after the warm-up."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, interruptible: threading.Event,
+                    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into ``stop.set()`` while inside (and into :class:`ShutdownRequested` while
+    ``interruptible`` is set); the previous handlers come back on exit. Yields the signals received.
+
+    rclpy's own handler shuts the context down from inside the signal and Python's raises KeyboardInterrupt
+    wherever the main thread happens to be (``executor.shutdown()``, a publisher): both tear the node down
+    half-way. A flag lets ``main`` stop in order instead, and a second signal (a terminal's Ctrl-C reaches
+    ``ros2 launch`` and the node, then launch sends its own) changes nothing.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signal.signal only works there
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+        if interruptible.is_set():
+            interruptible.clear()
+            raise ShutdownRequested(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
-        node.bring_up()
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception as exc:
-        node.get_logger().fatal(f"segmenter stopped: {exc!r}")
-        code = 1
+        yield received
     finally:
-        # verified order for a clean exit: executor, node, context
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def main(args: list[str] | None = None) -> int:
+    """``ros2 run ecmnet_ros segmenter`` / the ``ecmnet-segmenter`` console script.
+
+    Exits 0 on SIGINT/SIGTERM after stopping in order: executor, inference worker (the frame in flight
+    finishes), model, node, context. A signal during the start-up configure interrupts it.
+    """
+    rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    stop, interruptible = threading.Event(), threading.Event()
+    code = 0
+    with stop_on_signals(stop, interruptible) as received:
+        node = SegmenterNode()
+        node.shutdown_requested = stop
+        spinner = Spinner(num_threads=4)
+        spinner.add(node)
+        try:
+            spinner.start()  # services answer (lifecycle get, parameters) while configure warms the model up
+            interruptible.set()
+            try:
+                if not stop.is_set():
+                    node.bring_up()
+            except ShutdownRequested:
+                pass
+            finally:
+                interruptible.clear()
+            while not stop.wait(0.2) and spinner.running and rclpy.ok():
+                pass
+        except Exception as exc:
+            node.get_logger().fatal(f"segmenter stopped: {exc!r}")
+            code = 1
+        finally:
+            if received:
+                node.get_logger().info(f"{signal.Signals(received[0]).name}: shutting down")
+            spinner.stop(destroy_nodes=True)
+            rclpy.try_shutdown()
     return code
 
 

@@ -12,4 +12,12 @@ source "$VENV/bin/activate"
 python -m pip install -q --upgrade pip 2>&1 | grep -v -i warning || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" 2>&1 | grep -v -i warning || true
 python -m pip install -q -e ".[test,ros]" 2>&1 | grep -v -i warning || true
+# The real ROS 2 Python tooling (launch, launch_ros, the ros2 command, colcon), which PyPI lacks, from the shared
+# wheels when they are there; without them the tests that drive colcon/ros2 skip.
+ROS2_PYTHON="${ECMNET_SHARED:-../shared}/ros2_python"
+if [[ -f "$ROS2_PYTHON/install.sh" ]]; then
+  python -c "import launch_ros, ros2cli, colcon_core" 2>/dev/null || bash "$ROS2_PYTHON/install.sh" 2>&1 | grep -v -i warning
+else
+  echo "ros2 tooling: $ROS2_PYTHON/install.sh not found, skipping (colcon/ros2 launch tests will skip)"
+fi
 python -c "import torch, ecmnet_core, rclpy; print('ecmnet env ready: torch', torch.__version__)"

@@ -133,3 +133,13 @@ def test_yaml_documents_every_parameter_with_its_default():
             assert params[spec.name] == spec.default and type(params[spec.name]) is type(spec.default), spec.name
     assert set(params) <= {p.name for p in PARAMS}
     assert "class_names" in text and "qos_overrides" in text
+
+
+def test_pip_install_puts_prefixed_executables_on_path() -> None:
+    """A pip install (this venv) names the node's executables ecmnet-*, never the generic segmenter/replay/make_bag
+    that colcon installs into lib/ecmnet_ros for ``ros2 run``."""
+    from importlib.metadata import distribution
+
+    scripts = {ep.name: ep.value for ep in distribution("ecmnet_ros").entry_points if ep.group == "console_scripts"}
+    assert scripts == {"ecmnet-core": "ecmnet_core.cli:main", "ecmnet-segmenter": "ecmnet_ros.segmenter:main",
+                       "ecmnet-make-bag": "ecmnet_ros.make_bag:main", "ecmnet-replay": "ecmnet_ros.replay:main"}
