@@ -72,12 +72,14 @@ _ENCODINGS: dict[str, EncodingInfo] = {
     "yuv422": EncodingInfo(2, "u1", cv2.COLOR_YUV2BGR_UYVY),
     "yuyv": EncodingInfo(2, "u1", cv2.COLOR_YUV2BGR_YUYV),
     "yuv422_yuy2": EncodingInfo(2, "u1", cv2.COLOR_YUV2BGR_YUYV),
-    # planar 4:2:0: a Y plane then a half-height interleaved chroma plane; as in rosbags-image, ``height`` counts
-    # the rows of both planes (1.5x the picture height) so ``len(data) == step * height`` holds for every encoding
+    # planar 4:2:0: a Y plane of ``height`` rows, then an interleaved chroma plane of height/2 rows. As in
+    # sensor_msgs/image_encodings (getHeightScaling: 1.5) and cv_bridge, ``height`` is the picture's, so the data
+    # holds ``step * height * 3/2`` bytes (rosbags-image reads ``height`` as both planes' rows instead)
     "nv12": EncodingInfo(1, "u1", cv2.COLOR_YUV2BGR_NV12),
     "nv21": EncodingInfo(1, "u1", cv2.COLOR_YUV2BGR_NV21),
 }
 _PLANAR_420 = ("nv12", "nv21")
+_PACKED_422 = ("uyvy", "yuv422", "yuyv", "yuv422_yuy2")  # one chroma pair per two pixels: even widths only
 
 #: Every ``Image.encoding`` the decoders accept.
 SUPPORTED_ENCODINGS: tuple[str, ...] = tuple(_ENCODINGS)
@@ -100,8 +102,9 @@ def _buffer_len(data: Any) -> int:
 def check_image(msg: Any, max_pixels: int | None = None) -> EncodingInfo:
     """Validate an ``Image``'s header fields against its payload without decoding it.
 
-    Checks: known encoding, non-zero size, at most ``max_pixels`` pixels, ``step`` >= one packed row,
-    ``len(data) == step * height``.
+    Checks: known encoding, non-zero size, at most ``max_pixels`` pixels, even sizes where chroma is subsampled
+    (4:2:2 widths, 4:2:0 widths and heights), ``step`` >= one packed row (a larger step is row padding, legal),
+    ``len(data) == step * rows`` with rows = ``height`` (x 3/2 for the 4:2:0 formats).
     """
     info = encoding_info(msg.encoding)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
@@ -110,17 +113,24 @@ def check_image(msg: Any, max_pixels: int | None = None) -> EncodingInfo:
     if max_pixels is not None and height * width > max_pixels:
         raise ImageConversionError("too_large", f"image {width}x{height} has {height * width} pixels, above the "
                                                 f"max_image_pixels limit {max_pixels}")
-    if msg.encoding in _PLANAR_420 and (height % 3 or width % 2):
-        raise ImageConversionError("size", f"{msg.encoding} needs an even width and a height (Y + chroma rows) that "
-                                           f"is a multiple of 3, got {width}x{height}")
+    rows = height
+    if msg.encoding in _PLANAR_420:
+        if height % 2 or width % 2:
+            raise ImageConversionError("size", f"{msg.encoding} (4:2:0) needs an even width and height, got "
+                                               f"{width}x{height}")
+        rows = height * 3 // 2
+    elif msg.encoding in _PACKED_422 and width % 2:
+        raise ImageConversionError("size", f"{msg.encoding} (4:2:2) needs an even width, got {width}x{height}")
     row_bytes = width * info.channels * np.dtype(info.dtype).itemsize
     if step < row_bytes:
         raise ImageConversionError("length", f"step {step} is smaller than one row of {width} {msg.encoding} "
                                              f"pixels ({row_bytes} bytes)")
-    expected = step * height
+    expected = step * rows
     got = _buffer_len(msg.data)
     if got != expected:
-        raise ImageConversionError("length", f"data length {got} != step x height = {step} x {height} = {expected} "
+        rows_text = f"step x height x 3/2 = {step} x {height} x 3/2" if rows != height else \
+            f"step x height = {step} x {height}"
+        raise ImageConversionError("length", f"data length {got} != {rows_text} = {expected} "
                                              f"({msg.encoding} {width}x{height})")
     return info
 
@@ -129,10 +139,12 @@ def image_to_array(msg: Any, max_pixels: int | None = None) -> np.ndarray:
     """``sensor_msgs/Image`` -> (H, W) or (H, W, C) array in the message's channel order and depth.
 
     A zero-copy, read-only view of ``msg.data`` (16-bit data in the native byte order is not copied either).
-    The 4:2:0 formats come back as their (height, width) byte planes, ready for ``cv2.cvtColor``.
+    The 4:2:0 formats come back as their (height * 3/2, width) byte planes, ready for ``cv2.cvtColor``.
     """
     info = check_image(msg, max_pixels)
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if msg.encoding in _PLANAR_420:
+        height = height * 3 // 2
     dtype = np.dtype(info.dtype).newbyteorder(">" if msg.is_bigendian else "<")
     buf = np.frombuffer(msg.data, np.uint8)
     array = np.ndarray((height, width, info.channels), dtype=dtype, buffer=buf,

@@ -63,20 +63,93 @@ def test_raw_encodings_decode_to_bgr(encoding, source, expected, padding, bigend
 
 @pytest.mark.parametrize("encoding", ["bayer_rggb8", "bayer_bggr16", "uyvy", "yuyv", "yuv422", "nv12", "nv21"])
 def test_camera_encodings_match_rosbags_image(encoding):
+    """Same pixels as rosbags-image. For nv12/nv21 our ``height`` is the picture's (sensor_msgs, cv_bridge), where
+    rosbags-image takes it as the rows of both planes: the same bytes, two headers."""
     rosbags_image = pytest.importorskip("rosbags.image")
-    h, w = (9, 10) if encoding.startswith("nv") else (6, 10)
+    h, w = 6, 10
     if encoding.startswith("bayer"):
         src = RNG.integers(0, 65536 if encoding.endswith("16") else 256, (h, w),
                            dtype=np.uint16 if encoding.endswith("16") else np.uint8)
     elif encoding.startswith("nv"):
-        src = RNG.integers(0, 256, (h, w), dtype=np.uint8)
+        src = RNG.integers(0, 256, (h * 3 // 2, w), dtype=np.uint8)  # Y plane + interleaved chroma plane
     else:
         src = RNG.integers(0, 256, (h, w, 2), dtype=np.uint8)
     msg = plain(src, encoding)
-    ours = image_to_bgr8(msg)
     theirs = rosbags_image.message_to_cvimage(msg, "bgr8")
-    assert ours.shape == theirs.shape and ours.shape[2] == 3
+    if encoding.startswith("nv"):
+        msg.height = h
+    ours = image_to_bgr8(msg)
+    assert ours.shape == theirs.shape == (h, w, 3)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def _valid_size(encoding: str, h: int, w: int) -> bool:
+    if encoding in ("nv12", "nv21"):
+        return h % 2 == 0 and w % 2 == 0
+    if encoding in ("uyvy", "yuv422", "yuyv", "yuv422_yuy2"):
+        return w % 2 == 0
+    return True
+
+
+def raw_message(encoding: str, h: int, w: int, padding: int = 0, seed: int = 0) -> SimpleNamespace:
+    """A random, well-formed message of ``encoding`` for an h x w picture (``step`` padded by ``padding``)."""
+    from ecmnet_core.image_messages import encoding_info
+
+    info = encoding_info(encoding)
+    row = w * info.channels * np.dtype(info.dtype).itemsize
+    rows = h * 3 // 2 if encoding in ("nv12", "nv21") else h
+    data = np.random.default_rng(seed).integers(0, 256, rows * (row + padding), dtype=np.uint8)
+    return SimpleNamespace(height=h, width=w, encoding=encoding, is_bigendian=0, step=row + padding,
+                           data=data.tobytes())
+
+
+ODD_AND_EVEN_SIZES = [(1, 1), (2, 1), (1, 2), (3, 2), (2, 3), (5, 7), (6, 4), (75, 336), (357, 480), (360, 478),
+                      (528, 204)]
+
+
+@pytest.mark.parametrize("encoding", SUPPORTED_ENCODINGS)
+def test_every_encoding_decodes_at_the_image_size_or_is_rejected_as_a_bad_size(encoding):
+    """For every accepted encoding and odd/even sizes, padded or not: a decoded picture has exactly the message's
+    height x width; sizes that a subsampled format cannot have (odd 4:2:2 widths, odd 4:2:0 sizes) raise a
+    ``size`` error, never an OpenCV error or a picture of another size."""
+    for h, w in ODD_AND_EVEN_SIZES:
+        for padding in (0, 3):
+            msg = raw_message(encoding, h, w, padding)
+            if _valid_size(encoding, h, w):
+                assert image_to_bgr8(msg).shape[:2] == (h, w), (encoding, h, w, padding)
+            else:
+                with pytest.raises(ImageConversionError) as err:
+                    image_to_bgr8(msg)
+                assert err.value.kind == "size" and encoding in str(err.value)
+
+
+def test_nv12_length_follows_the_picture_height():
+    """nv12 with ``height`` counting both planes (the rosbags-image reading) does not fit ``step * height * 3/2``:
+    rejected, not guessed."""
+    msg = raw_message("nv12", 6, 10)
+    msg.height = 9  # data is 10 x 9 bytes, the header now claims a 10 x 9 picture with 13.5 rows
+    with pytest.raises(ImageConversionError):
+        image_to_bgr8(msg)
+    msg = raw_message("nv12", 6, 10)
+    msg.data = msg.data[:-10]
+    with pytest.raises(ImageConversionError, match=r"step x height x 3/2") as err:
+        image_to_bgr8(msg)
+    assert err.value.kind == "length"
+
+
+def test_step_below_a_row_and_nul_padded_encoding_are_rejected():
+    """A step smaller than one row is malformed (a larger one is padding and fine); an encoding string with a
+    trailing NUL is not a known encoding (rclpy messages never carry one: the C layer ends strings at NUL)."""
+    msg = raw_message("bgr8", 4, 5)
+    msg.step, msg.data = 14, msg.data[: 14 * 4]
+    with pytest.raises(ImageConversionError, match="smaller than one row") as err:
+        image_to_bgr8(msg)
+    assert err.value.kind == "length"
+    msg = raw_message("mono8", 4, 5)
+    msg.encoding = "mono8\0"
+    with pytest.raises(ImageConversionError) as err:
+        image_to_bgr8(msg)
+    assert err.value.kind == "encoding"
 
 
 def test_every_supported_encoding_is_listed_and_16bit_scaling_matches_rosbags():

@@ -97,3 +97,39 @@ def test_each_bad_message_warns_counts_and_node_survives(segmenter_node, probe, 
     assert capfd.readouterr().err.count("bad message skipped (encoding)") <= 1
     status = next(s for s in node.diagnostics().status if s.name.endswith(": /raw/image"))
     assert "bad messages" in status.message and node.streams[0].errors.total == 9
+
+
+def test_every_encoding_at_odd_sizes_gets_labels_of_the_image_size(segmenter_node, probe):
+    """Through the node: every accepted encoding at odd and even sizes, padded rows included. Valid frames are
+    answered with ``~/labels`` of the image's pixel size and its header; sizes a subsampled format cannot have
+    are counted as bad (``size``) and answered with nothing."""
+    from ecmnet_core.image_messages import SUPPORTED_ENCODINGS, encoding_info
+
+    node = segmenter_node(image_topics=["/enc/image"])
+    labels = TopicCollector(probe, Image, "/enc/segmenter/labels", qos=100)
+    pub = probe.create_publisher(Image, "/enc/image", 10)
+    assert wait_for(lambda: connected(pub, node.streams[0].subscriptions[0], labels.subscription), TIMEOUT)
+    rng = np.random.default_rng(1)
+    stamp, rejected = 0, 0
+    for encoding in SUPPORTED_ENCODINGS:
+        info = encoding_info(encoding)
+        planar, packed = encoding in ("nv12", "nv21"), encoding in ("uyvy", "yuv422", "yuyv", "yuv422_yuy2")
+        for h, w in [(1, 1), (3, 2), (5, 7), (6, 4), (75, 336), (357, 480)]:
+            stamp += 1
+            row = w * info.channels * np.dtype(info.dtype).itemsize
+            step = row + (3 if stamp % 2 else 0)
+            rows = h * 3 // 2 if planar else h
+            data = rng.integers(0, 256, rows * step, dtype=np.uint8).tobytes()
+            msg = Image(header=make_header(stamp), height=h, width=w, encoding=encoding, step=step, data=data)
+            valid = not ((planar and (h % 2 or w % 2)) or (packed and w % 2))
+            pub.publish(msg)
+            if valid:
+                assert wait_for(lambda s=stamp: any(stamp_ns(m.header) == s for m in labels.messages), TIMEOUT), \
+                    f"{encoding} {h}x{w}: no labels"
+                out = next(m for m in labels.messages if stamp_ns(m.header) == stamp)
+                assert (out.height, out.width, out.encoding) == (h, w, "mono8"), f"{encoding} {h}x{w}"
+            else:
+                rejected += 1
+                assert wait_for(lambda r=rejected: node.streams[0].errors.counts.get("size", 0) == r, TIMEOUT), \
+                    f"{encoding} {h}x{w} was not counted as a bad size"
+    assert node.streams[0].errors.total == rejected > 0
