@@ -64,5 +64,7 @@ setup(
             "ecmnet-core = ecmnet_core.cli:main",
             *NODE_SCRIPTS,
         ],
+        # the ROS side's `ecmnet-core replay --live`, found by the ROS-free core without importing ecmnet_ros
+        "ecmnet_core.replay_live": ["ros = ecmnet_ros.replay_live:run_live_from_args"],
     },
 )

@@ -5,8 +5,8 @@ A *path* is one way to run the network (the engine of :mod:`ecmnet_core.engines`
 model costs without any of the inference work. Each path is timed on the same normalised input through the same
 call the :class:`~ecmnet_core.inference.Segmenter` makes (``engine.logits``), reporting ms/frame p50/p90, frames/s
 and the speed-up over the baseline's median measured in this run. The paths of one size are timed in rounds, one
-call of each per round (:func:`ecmnet_core.bench.time_interleaved`), so a shared machine's drift in speed lands on
-the baseline and the path alike instead of skewing their ratio.
+call of each per round (:func:`ecmnet_core.benchmarking.time_interleaved`), so a shared machine's drift in speed
+lands on the baseline and the path alike instead of skewing their ratio.
 
 With ``--agreement DIR`` every path also segments the images in DIR (e.g. CamVid val) at the first size, and the
 share of pixels whose arg-max label equals the baseline's is reported (the acceptance bar is 99.9 %).
@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ecmnet_core.bench import _disturbance_note, environment, time_interleaved
+from ecmnet_core.benchmarking import disturbance_note, environment, time_interleaved
 from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, file_sha256, load_checkpoint
 from ecmnet_core.data.builders import IMAGE_EXTENSIONS, image_files
 from ecmnet_core.engines import OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
 from ecmnet_core.evaluate import Preprocess
 from ecmnet_core.inference import random_checkpoint, random_checkpoint_hash, resolve_device
-from ecmnet_core.ops import axial_attention
+from ecmnet_core.model.attention import set_attention_backend
 
 BASELINE = "eager"
 
@@ -93,7 +93,7 @@ def _set_kernels(model: torch.nn.Module, on: bool) -> None:
     for module in model.modules():
         if hasattr(module, "scan") and hasattr(module.scan, "backend"):
             module.scan.backend = None if on else "torch"
-    axial_attention.set_attention_backend(model, None if on else "torch")
+    set_attention_backend(model, None if on else "torch")
 
 
 class _Eager:
@@ -226,7 +226,7 @@ def bench_paths(cfg: PathsBenchConfig) -> dict:
         "skipped_cuda_only": skipped, "results": results, "agreement": agreement,
         "agreement_size": list(cfg.sizes[0]) if images else None, "agreement_folder": cfg.agreement,
         "runs": cfg.runs, "warmup": cfg.warmup, "environment": env,
-        "note": _disturbance_note(load_before, env["load_avg_1min"], env["threads"]),
+        "note": disturbance_note(load_before, env["load_avg_1min"], env["threads"]),
         "pid": os.getpid(),
     }
 

@@ -2,7 +2,7 @@
 
 A step is what the trainer does per iteration: forward, ENet-weighted cross-entropy, backward, Adam step. Both
 paths start from the same weights and see the same random batch; they are timed in rounds
-(:func:`ecmnet_core.bench.time_interleaved`) so a shared machine's drift lands on both. Data loading is timed on
+(:func:`ecmnet_core.benchmarking.time_interleaved`) so a shared machine's drift lands on both. Data loading is timed on
 its own: images/s of the real training pipeline (decode once into the uint8 cache, then random scale, crop, flip
 and normalisation) over a CamVid-style folder, when one is given or found at ``../shared/camvid``.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ecmnet_core.bench import environment, time_interleaved
+from ecmnet_core.benchmarking import environment, time_interleaved
 from ecmnet_core.model import build_model, model_config
 from ecmnet_core.train.losses import WeightedCrossEntropy
 from ecmnet_core.train.train_path import apply_train_path, prepare_batch, train_path

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
 from torch import nn
 
-from ecmnet_core.model import ECMNet, ModelConfig, build_model
+from ecmnet_core.model import ECMNet, ModelConfig, build_model, model_config
 
 FORMAT = "ecmnet-checkpoint"
 VERSION = 1
@@ -185,3 +187,30 @@ def load_state_into(model: nn.Module, ckpt: Checkpoint, source: str = "checkpoin
 def _architecture(config: ModelConfig) -> dict[str, Any]:
     """The parts of a config that decide the weights' shapes (the scan backend does not)."""
     return {k: v for k, v in config.to_dict().items() if k not in ("scan_backend", "extra")}
+
+#: Normalisation (BGR mean/std, 0..255) that random-weight checkpoints carry.
+DEFAULT_MEAN = (105.658, 103.330, 99.625)
+DEFAULT_STD = (71.116, 71.676, 67.876)
+
+
+def default_palette(num_classes: int) -> list[list[int]]:
+    """Distinct RGB colours for class ids without a stored palette (golden-angle hues)."""
+    colours = []
+    for i in range(num_classes):
+        hsv = np.uint8([[[int(i * 137.508) % 180, 200, 230]]])
+        colours.append([int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0]])
+    return colours
+
+
+def random_checkpoint_hash(model: str, num_classes: int) -> str:
+    """What stands for a checkpoint hash (logs, diagnostics, export cache keys) for random weights."""
+    return f"random-{model}-{num_classes}"
+
+
+def random_checkpoint(model: str, num_classes: int) -> Checkpoint:
+    """An untrained variant with default metadata (seeded, so timings and tests are repeatable)."""
+    cfg = model_config(model, num_classes)
+    torch.manual_seed(0)
+    return Checkpoint(model_config=cfg, state_dict=build_model(cfg).state_dict(),
+                      class_names=[f"class_{i}" for i in range(num_classes)], palette=default_palette(num_classes),
+                      mean=list(DEFAULT_MEAN), std=list(DEFAULT_STD), metadata={"random_weights": True})

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from ecmnet_core.model import DDA, VARIANTS, SelectiveScan, build_model
+from ecmnet_core.model.attention import set_attention_backend
 from ecmnet_core.model.ecmnet import ModelConfig
-from ecmnet_core.ops.axial_attention import set_attention_backend
 
 #: The paper's published cost (19 classes, 1x3x512x1024, GMac counted with its ptflops copy).
 PAPER_PARAMS = 0.87e6

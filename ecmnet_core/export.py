@@ -233,8 +233,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ecmnet_core.checkpoint import load_checkpoint
-    from ecmnet_core.inference import random_checkpoint
+    from ecmnet_core.checkpoint import load_checkpoint, random_checkpoint
 
     size = tuple(args.size) if args.size else None
     try:

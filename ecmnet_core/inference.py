@@ -16,16 +16,23 @@ import cv2
 import numpy as np
 import torch
 
-from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, file_sha256, load_checkpoint
+from ecmnet_core.checkpoint import (  # noqa: F401  (random_checkpoint & co. re-exported for callers)
+    DEFAULT_CHECKPOINT,
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    Checkpoint,
+    default_palette,
+    file_sha256,
+    load_checkpoint,
+    random_checkpoint,
+    random_checkpoint_hash,
+)
 from ecmnet_core.data.transforms import normalize_image
 from ecmnet_core.engines import ENGINES, OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
-from ecmnet_core.evaluate import SegmenterRunner, predict_labels
-from ecmnet_core.model import build_model, model_config
+from ecmnet_core.prediction import SegmenterRunner, predict_labels
 
 UNLABELED = 255
 #: Normalisation used for random-weight models (CamVid train+val statistics, BGR, 0..255).
-DEFAULT_MEAN = (105.658, 103.330, 99.625)
-DEFAULT_STD = (71.116, 71.676, 67.876)
 
 
 @dataclass
@@ -85,29 +92,6 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
     return device
-
-
-def default_palette(num_classes: int) -> list[list[int]]:
-    """Distinct RGB colours for class ids without a stored palette (golden-angle hues)."""
-    colours = []
-    for i in range(num_classes):
-        hsv = np.uint8([[[int(i * 137.508) % 180, 200, 230]]])
-        colours.append([int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0]])
-    return colours
-
-
-def random_checkpoint_hash(model: str, num_classes: int) -> str:
-    """What stands for a checkpoint hash (logs, diagnostics, export cache keys) for random weights."""
-    return f"random-{model}-{num_classes}"
-
-
-def random_checkpoint(model: str, num_classes: int) -> Checkpoint:
-    """An untrained variant with default metadata (seeded, so timings and tests are repeatable)."""
-    cfg = model_config(model, num_classes)
-    torch.manual_seed(0)
-    return Checkpoint(model_config=cfg, state_dict=build_model(cfg).state_dict(),
-                      class_names=[f"class_{i}" for i in range(num_classes)], palette=default_palette(num_classes),
-                      mean=list(DEFAULT_MEAN), std=list(DEFAULT_STD), metadata={"random_weights": True})
 
 
 class Segmenter:

@@ -15,12 +15,9 @@ import pytest
 import torch
 
 from ecmnet_core.model import DDA
+from ecmnet_core.model.attention import set_attention_backend
 from ecmnet_core.ops import attention_cpu, axial_attention, cbuild
-from ecmnet_core.ops.axial_attention import (
-    axial_attention_torch,
-    resolve_backend,
-    set_attention_backend,
-)
+from ecmnet_core.ops.axial_attention import axial_attention_torch, resolve_backend
 
 RTOL = 1e-5  # against float64: |out - ref| <= RTOL * max|ref| (+ the same relative to each element)
 

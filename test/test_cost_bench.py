@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ecmnet_core import bench
+from ecmnet_core import bench, benchmarking
 from ecmnet_core.bench import (
     TEXTBOOK,
     ModelBenchConfig,
@@ -57,7 +57,7 @@ def test_time_interleaved_alternates_and_keeps_budgets_per_function(monkeypatch)
     budget while the fast one keeps going; a cold warm-up is that function's only sample. A fake clock: each
     function advances it by its cost, so the budgets do not depend on this machine's load."""
     clock = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(benchmarking.time, "perf_counter", lambda: clock[0])  # the timing toolkit's clock
     calls: list[str] = []
 
     def fn(name: str, cost_s: float):

@@ -5,7 +5,8 @@
   mIoU, per-class and per-frame IoU), inference time per frame and class coverage over time. No ROS needed.
 * ``--live BAG``: publish the bag's image topic into a running segmenter node (or one started in-process with
   ``--spawn-node``) and measure end-to-end latency, throughput, drops and accuracy
-  (:mod:`ecmnet_ros.replay_live`; needs rclpy).
+  (``ecmnet_ros.replay_live``, needs rclpy; found through the ``ecmnet_core.replay_live`` entry point, so
+  this ROS-free library never imports the ROS package).
 
 Both write ``report.json``, ``frames.csv`` and plots with ``--out DIR``, and a copy of the bag with the predicted
 label topic added with ``--output-bag``.
@@ -274,18 +275,32 @@ def build_segmenter(args: argparse.Namespace, bag_classes: int | None = None) ->
     return segmenter
 
 
+#: Entry-point group where the ROS side registers ``replay --live`` (``ecmnet_ros.replay_live:run_live_from_args``).
+LIVE_ENTRY_POINT_GROUP = "ecmnet_core.replay_live"
+
+
+def live_replay_command() -> Any:
+    """The registered ``replay --live`` implementation; SystemExit with what to install when there is none."""
+    from importlib.metadata import entry_points
+
+    found = sorted(entry_points(group=LIVE_ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    if not found:
+        raise SystemExit(f"replay --live: no implementation registered under the {LIVE_ENTRY_POINT_GROUP!r} entry "
+                         "point (install the package with its ROS side: pip install -e '.[ros]')")
+    try:
+        return found[0].load()
+    except ImportError as exc:
+        raise SystemExit(f"replay --live needs rclpy and the ROS message packages ({exc}); "
+                         "install the 'ros' extra or source a ROS 2 setup") from None
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.max_frames is not None and args.max_frames < 1:
         raise SystemExit(f"replay: --max-frames must be >= 1, got {args.max_frames}")
     if args.live:
-        try:
-            from ecmnet_ros.replay_live import run_live_from_args
-        except ImportError as exc:
-            raise SystemExit(f"replay --live needs rclpy and the ROS message packages ({exc}); "
-                             "install the 'ros' extra or source a ROS 2 setup") from None
-        return run_live_from_args(args)
+        return live_replay_command()(args)
     try:
         with BagReader(args.offline) as reader:
             bag_classes = reader.custom_data.get("class_names")

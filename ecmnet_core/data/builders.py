@@ -9,16 +9,14 @@ from typing import TYPE_CHECKING
 from ecmnet_core.data.classes import CAMVID, CITYSCAPES, DatasetInfo, load_classes_yaml
 from ecmnet_core.data.errors import DataError
 from ecmnet_core.data.io import Sample
+from ecmnet_core.data.layout import KINDS, UNION_SPLITS
 from ecmnet_core.data.validate import validate_samples
 
 if TYPE_CHECKING:
     from ecmnet_core.data.shards import ShardReader
 
-KINDS = ("camvid", "cityscapes", "folder", "shards")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CLASSES_FILES = ("classes.yaml", "classes.yml")
-#: Split names that mean the union of two splits.
-UNION_SPLITS = {"trainval": ("train", "val")}
 
 
 def image_files(folder: Path, recursive: bool = False) -> list[Path]:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ecmnet_core.ops.axial_attention import axial_attention
+from ecmnet_core.ops.axial_attention import BACKENDS, axial_attention
 
 
 class ECA(nn.Module):
@@ -54,4 +54,19 @@ class DDA(nn.Module):
         return b * w * h * h * (self.key_dim + c) + b * h * w * w * (self.key_dim + c)
 
 
-__all__ = ["ECA", "DDA"]
+def set_attention_backend(model: nn.Module, backend: str | None) -> int:
+    """Set ``backend`` (``torch``, ``cpp``, ``auto`` or None = automatic) on every DDA of ``model``; returns the count.
+
+    For benchmarks and tests; the setting is not saved in checkpoints (it is a plain attribute, not a buffer).
+    """
+    if backend is not None and backend.strip().lower() not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown axial-attention backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, DDA):
+            module.backend = backend
+            count += 1
+    return count
+
+
+__all__ = ["ECA", "DDA", "set_attention_backend"]

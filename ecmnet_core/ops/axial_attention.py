@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ecmnet_core.ops import attention_cpu
 
@@ -101,22 +101,4 @@ def axial_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str 
     return axial_attention_torch(q, k, v, scale)
 
 
-def set_attention_backend(model: nn.Module, backend: str | None) -> int:
-    """Set ``backend`` (``torch``, ``cpp``, ``auto`` or None = automatic) on every DDA of ``model``; returns the count.
-
-    For benchmarks and tests; the setting is not saved in checkpoints (it is a plain attribute, not a buffer).
-    """
-    if backend is not None and backend.strip().lower() not in ("auto", *BACKENDS):
-        raise ValueError(f"unknown axial-attention backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
-    from ecmnet_core.model.attention import DDA  # the model imports this module
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, DDA):
-            module.backend = backend
-            count += 1
-    return count
-
-
-__all__ = ["BACKENDS", "ENV_VAR", "axial_attention", "axial_attention_torch", "resolve_backend",
-           "set_attention_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "axial_attention", "axial_attention_torch", "resolve_backend"]

@@ -1,0 +1,51 @@
+"""glibc allocator policy for long-running processes that see buffers of changing sizes (the node, benchmarks).
+
+glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), so later buffers of
+a few MiB (images, label maps, intermediate tensors) come from the per-thread heaps instead, and a heap only
+shrinks from its top: with image sizes that vary, freed holes pile up and RSS ratchets upwards. A fixed
+threshold sends every large buffer to mmap and back to the OS on free. No-ops where glibc is not the allocator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+MIB = 1024 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+@functools.cache
+def pin_mmap_threshold(threshold: int = MIB) -> bool:
+    """Serve every allocation >= ``threshold`` bytes by mmap (returned to the OS on free; no dynamic
+    threshold) and trim heap tops above ``threshold``. True when glibc took both settings."""
+    lib = libc()
+    if lib is None or not hasattr(lib, "mallopt"):
+        return False
+    return bool(lib.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(lib.mallopt(_M_TRIM_THRESHOLD, threshold))
+
+
+def limit_arenas(count: int) -> bool:
+    """At most ``count`` malloc arenas (glibc's default is 8 per core): fewer heaps to fragment, for processes
+    whose many threads (DDS, executor, OpenMP) each allocate."""
+    lib = libc()
+    return bool(lib is not None and hasattr(lib, "mallopt") and lib.mallopt(_M_ARENA_MAX, count))
+
+
+def malloc_trim() -> bool:
+    """Hand free heap memory back to the OS now; True when glibc released some."""
+    lib = libc()
+    return bool(lib is not None and hasattr(lib, "malloc_trim") and lib.malloc_trim(0))
+
+
+__all__ = ["limit_arenas", "libc", "malloc_trim", "pin_mmap_threshold"]

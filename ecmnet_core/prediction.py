@@ -1,0 +1,129 @@
+"""Pre-processing and the logits -> labels step, the one way every prediction is made: evaluation, training-time
+validation, ``predict``, rosbag replay and the ROS node (through :class:`ecmnet_core.inference.Segmenter`).
+
+Resize the image to the network size, normalise, run the model, upsample the logits bilinearly to the label
+(original image) size, then take the argmax. Below ``inference`` and ``evaluate``; it knows a Segmenter only by
+its attributes (``preprocess``, ``engine``, ``device``, ``num_classes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ecmnet_core.data.transforms import normalize_image
+
+
+@dataclass
+class Preprocess:
+    """BGR uint8 image -> (3, h, w) normalised RGB float32 at the network size.
+
+    ``input_size`` (H, W) resizes every image to that size; otherwise ``scale`` resizes by a factor (1 = native).
+    cv2 bilinear resizing and rounding match :class:`ecmnet_core.data.EvalTransform` and the Segmenter.
+    """
+
+    mean: Sequence[float]
+    std: Sequence[float]
+    input_size: tuple[int, int] | None = None
+    scale: float = 1.0
+
+    def size_for(self, h: int, w: int) -> tuple[int, int]:
+        if self.input_size is not None:
+            return int(self.input_size[0]), int(self.input_size[1])
+        if self.scale != 1.0:
+            return max(1, int(round(h * self.scale))), max(1, int(round(w * self.scale)))
+        return h, w
+
+    def __call__(self, image_bgr: np.ndarray) -> Tensor:
+        h, w = image_bgr.shape[:2]
+        th, tw = self.size_for(h, w)
+        if (th, tw) != (h, w):
+            image_bgr = cv2.resize(image_bgr, (tw, th), interpolation=cv2.INTER_LINEAR)
+        return normalize_image(image_bgr, self.mean, self.std)
+
+
+class ModelRunner:
+    """A bare model plus its pre-processing: what a :class:`ecmnet_core.inference.Segmenter` holds, for models
+    still in training. ``logits`` runs (B, 3, h, w) normalised batches in eval mode without gradients."""
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess, device: torch.device | str | None = None,
+                 amp: bool = False) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.amp = amp and self.device.type == "cuda"
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.config.num_classes)
+
+    @torch.inference_mode()
+    def logits(self, batch: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, enabled=self.amp):
+            return self.model(batch.to(self.device, non_blocking=True)).float()
+
+
+class SegmenterRunner:
+    """Adapter giving a :class:`ecmnet_core.inference.Segmenter` the runner interface (its own pre-processing,
+    device, dtype and memory format)."""
+
+    def __init__(self, segmenter: Any) -> None:
+        self.segmenter = segmenter
+        self.preprocess: Callable[[np.ndarray], Tensor] = segmenter.preprocess
+        self.device = segmenter.device
+        self.num_classes = int(segmenter.num_classes)
+
+    def logits(self, batch: Tensor) -> Tensor:
+        return self.segmenter.engine.logits(batch)
+
+
+Runner = ModelRunner | SegmenterRunner
+
+
+def as_runner(predictor: Any, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+              input_size: tuple[int, int] | None = None, scale: float = 1.0, amp: bool = False) -> Runner:
+    """A Segmenter, a runner, or an ``nn.Module`` (which then needs ``mean``/``std``) as a runner."""
+    if isinstance(predictor, (ModelRunner, SegmenterRunner)):
+        return predictor
+    if isinstance(predictor, nn.Module):
+        if mean is None or std is None:
+            raise ValueError("evaluating a bare model needs the normalisation mean and std")
+        return ModelRunner(predictor, Preprocess(mean, std, input_size, scale), amp=amp)
+    if hasattr(predictor, "preprocess") and hasattr(predictor, "engine"):
+        return SegmenterRunner(predictor)
+    raise TypeError(f"cannot evaluate a {type(predictor).__name__}: pass a Segmenter or an nn.Module")
+
+
+def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Class ids (h, w) int64 per image: same-shape inputs run as one batch, logits are upsampled bilinearly to
+    ``sizes[i]`` before the argmax. Results stay on the runner's device."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    for idx in groups.values():
+        logits = runner.logits(torch.stack([tensors[i] for i in idx]))
+        for j, i in enumerate(idx):
+            one = logits[j:j + 1]
+            if tuple(one.shape[-2:]) != tuple(sizes[i]):
+                one = F.interpolate(one, size=tuple(sizes[i]), mode="bilinear", align_corners=False)
+            out[i] = one.argmax(dim=1)[0]
+    return out  # type: ignore[return-value]
+
+
+def segment_images(predictor: Any, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """(H, W) uint8 class ids at each image's own size, predicted as in evaluation (for predict and replay)."""
+    runner = as_runner(predictor)
+    labels = predict_labels(runner, [runner.preprocess(im) for im in images], [im.shape[:2] for im in images])
+    return [lab.to(torch.uint8).cpu().numpy() for lab in labels]
+
+
+__all__ = ["ModelRunner", "Preprocess", "Runner", "SegmenterRunner", "as_runner", "predict_labels",
+           "segment_images"]

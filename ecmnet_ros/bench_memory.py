@@ -1,0 +1,204 @@
+"""``python -m ecmnet_ros.bench_memory --frames 10000``: the node's memory under frames of random sizes.
+
+Starts the segmenter node as its own process (``python -m ecmnet_ros.segmenter``, the packaged model unless
+``--checkpoint``/``--model``), publishes N raw ``Image`` frames to it at ``--rate`` Hz, each of a random size up to
+``--max-size`` (default 3000 x 4000) and a random accepted encoding, with a share of malformed ones (``--bad``:
+wrong data length, unknown encoding, a step below one row, odd 4:2:0 sizes), as a camera driver that changes
+resolution or a bad publisher would. Prints the node's RSS at start (after configure), after frame 200, in the
+middle and at the end, its peak, the frames answered with labels and the bad messages the node counted.
+
+Target (issue 13): RSS after 10,000 frames within +30 % of RSS after the first 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+TARGET_GROWTH_PCT = 30.0
+MIB = 1024 * 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ecmnet_ros.bench_memory", description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, default=10_000, help="frames published (default 10000)")
+    p.add_argument("--rate", type=float, default=30.0, help="publish rate in Hz (default 30; frames the node is "
+                                                             "too slow for are dropped by its newest-frame slot)")
+    p.add_argument("--max-size", type=int, nargs=2, default=(3000, 4000), metavar=("H", "W"),
+                   help="largest image published (default 3000 4000)")
+    p.add_argument("--bad", type=float, default=0.1, help="share of malformed messages (default 0.1)")
+    p.add_argument("--checkpoint", help="checkpoint for the node (default: the packaged CamVid model)")
+    p.add_argument("--model", help="variant with RANDOM weights instead of a checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--domain", type=int, help="ROS_DOMAIN_ID (default: from the pid)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def _rss_bytes(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of ``pid`` in bytes."""
+    values = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+class FrameMaker:
+    """Random raw frames: sizes log-uniform up to ``max_size``, every accepted encoding, some malformed."""
+
+    def __init__(self, max_size: tuple[int, int], bad: float, seed: int) -> None:
+        from ecmnet_core.image_messages import SUPPORTED_ENCODINGS, encoding_info
+
+        self.rng = np.random.default_rng(seed)
+        self.encodings = list(SUPPORTED_ENCODINGS)
+        self.info = {e: encoding_info(e) for e in self.encodings}
+        self.max_h, self.max_w = max_size
+        self.bad = bad
+        # one random pool that every frame's data is cut from (random bytes per frame would cost more than the node)
+        self.pool = self.rng.integers(0, 256, self.max_h * self.max_w * 8 * 3 // 2 + 64, dtype=np.uint8).tobytes()
+
+    def __call__(self, stamp_ns: int) -> tuple[Any, bool]:
+        from sensor_msgs.msg import Image
+
+        from ecmnet_ros.runtime import make_header
+
+        rng = self.rng
+        h = int(np.exp(rng.uniform(0, np.log(self.max_h))))
+        w = int(np.exp(rng.uniform(0, np.log(self.max_w))))
+        encoding = self.encodings[rng.integers(len(self.encodings))]
+        info = self.info[encoding]
+        if encoding in ("nv12", "nv21"):
+            h, w = max(2, h - h % 2), max(2, w - w % 2)
+        elif encoding in ("uyvy", "yuv422", "yuyv", "yuv422_yuy2"):
+            w = max(2, w - w % 2)
+        row = w * info.channels * np.dtype(info.dtype).itemsize
+        step = row + int(rng.integers(0, 2)) * int(rng.integers(1, 64))
+        rows = h * 3 // 2 if encoding in ("nv12", "nv21") else h
+        length = step * rows
+        valid = True
+        if rng.random() < self.bad:
+            valid = False
+            kind = int(rng.integers(4))
+            if kind == 0:
+                length = max(0, length - int(rng.integers(1, step + 1)))
+            elif kind == 1:
+                encoding = "bayer_xyz9"
+            elif kind == 2:
+                step = max(0, row - 1)
+                length = step * rows
+            else:
+                encoding, h = "nv12", h | 1
+                w = max(2, w - w % 2)
+                step, length = w, w * (h * 3 // 2)
+        msg = Image(header=make_header(stamp_ns), height=h, width=w, encoding=encoding, step=step)
+        msg.data = self.pool[:length]
+        return msg, valid
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import psutil
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.node import Node
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    from ecmnet_ros.runtime import Spinner, TopicCollector, isolate_discovery, ros_context, wait_for
+
+    domain = isolate_discovery(args.domain)
+    params = ["-p", "autostart:=true"]
+    if args.checkpoint:
+        params += ["-p", f"checkpoint:={args.checkpoint}"]
+    if args.model:
+        params += ["-p", f"model:={args.model}"]
+    node_cmd = [sys.executable, "-m", "ecmnet_ros.segmenter", "--ros-args", "-r", "__ns:=/mem", *params]
+    proc = subprocess.Popen(node_cmd, env=dict(os.environ, ROS_DOMAIN_ID=str(domain)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    stderr_tail: list[str] = []
+    threading.Thread(target=lambda: [stderr_tail.append(line) for line in proc.stderr], daemon=True).start()
+    make = FrameMaker(tuple(args.max_size), args.bad, args.seed)
+    marks: dict[str, Any] = {}
+    try:
+        with ros_context() as context, Spinner(context) as spinner:
+            probe = spinner.add(Node("bench_memory", context=context))
+            labels = TopicCollector(probe, Image, "/mem/segmenter/labels", qos=10)
+            diags = TopicCollector(probe, DiagnosticArray, "/diagnostics", qos=10)
+            pub = probe.create_publisher(Image, "/mem/image", qos_profile_sensor_data)
+            if not wait_for(lambda: "active: segmenting" in "".join(stderr_tail) or proc.poll() is not None, 300):
+                raise RuntimeError("the node did not come up within 300 s")
+            if proc.poll() is not None:
+                raise RuntimeError("the node exited: " + "".join(stderr_tail[-20:]))
+            wait_for(lambda: pub.get_subscription_count() > 0, 30)
+            node_ps = psutil.Process(proc.pid)
+            marks["start"] = _rss_bytes(proc.pid)[0]
+            period, t0, valid_sent = 1.0 / args.rate, time.monotonic(), 0
+            checkpoints: dict[int, list[str]] = {}
+            for frame, name in ((min(200, args.frames), "frame_200"), (args.frames // 2, "middle")):
+                checkpoints.setdefault(frame, []).append(name)
+            for i in range(1, args.frames + 1):
+                msg, valid = make(i)
+                valid_sent += valid
+                pub.publish(msg)
+                for name in checkpoints.get(i, ()):
+                    marks[name] = _rss_bytes(proc.pid)[0]
+                delay = t0 + i * period - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the node exited at frame {i}: " + "".join(stderr_tail[-20:]))
+            elapsed = time.monotonic() - t0
+            time.sleep(3.0)  # the last frame's labels and a diagnostics tick
+            marks["end"], peak = _rss_bytes(proc.pid)
+            cpu = node_ps.cpu_times()
+            bad_counted = 0
+            for msg in reversed(diags.messages):
+                status = next((s for s in msg.status if s.name.endswith(": /mem/image")), None)
+                if status is not None:
+                    bad_counted = int({kv.key: kv.value for kv in status.values}.get("bad_messages", 0))
+                    break
+            answered = len(labels.messages)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    growth = 100.0 * (marks["end"] - marks["frame_200"]) / marks["frame_200"]
+    return {
+        "frames": args.frames, "publish_rate_hz": args.frames / elapsed, "valid_frames_sent": valid_sent,
+        "frames_answered": answered, "bad_messages_counted": bad_counted, "node_exit_code": proc.returncode,
+        "rss_mib": {k: v / MIB for k, v in marks.items()}, "peak_rss_mib": peak / MIB,
+        "growth_200_to_end_pct": growth, "target_pct": TARGET_GROWTH_PCT, "meets_target": growth <= TARGET_GROWTH_PCT,
+        "node_cpu_s": cpu.user + cpu.system,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        r = result["rss_mib"]
+        print(f"node RSS: start {r['start']:.0f} MiB, after frame 200 {r['frame_200']:.0f} MiB, middle "
+              f"{r['middle']:.0f} MiB, end {r['end']:.0f} MiB, peak {result['peak_rss_mib']:.0f} MiB")
+        print(f"growth from frame 200 to the end: {result['growth_200_to_end_pct']:+.1f} % (target <= "
+              f"+{TARGET_GROWTH_PCT:.0f} %: {'met' if result['meets_target'] else 'NOT met'})")
+        print(f"{result['frames']} frames at {result['publish_rate_hz']:.1f} Hz ({result['valid_frames_sent']} valid): "
+              f"{result['frames_answered']} answered with labels (the rest dropped as stale by the newest-frame "
+              f"slot), {result['bad_messages_counted']} bad messages counted; node exit {result['node_exit_code']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
