@@ -40,6 +40,7 @@ from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Float32MultiArray, Header
 
+from ecmnet_core.allocator import limit_arenas, malloc_trim
 from ecmnet_core.image_messages import ImageConversionError, check_message, message_to_bgr8
 from ecmnet_core.inference import InferenceConfig, Segmenter
 from ecmnet_ros import diagnostics as diag
@@ -114,6 +115,8 @@ class SegmenterNode(LifecycleNode):
         self._worker: threading.Thread | None = None
         #: set by ``main`` when a signal asks the process to stop (a configure it interrupts is not an error)
         self.shutdown_requested = threading.Event()
+        self._last_shapes: tuple[tuple[int, ...], ...] = ()
+        self._last_trim = 0.0
         self._stopping = False
         super().__init__(node_name, **kwargs)
         for spec in PARAMS:
@@ -382,6 +385,22 @@ class SegmenterNode(LifecycleNode):
         for stream, frame, image, result in zip(streams, frames, images, results):
             stream.model.add(model_ms)
             self._publish(segmenter, stream, frame, image, result, live)
+        self._trim_after_size_change(tuple(image.shape for image in images))
+
+    def _trim_after_size_change(self, shapes: tuple[tuple[int, ...], ...]) -> None:
+        """Return freed heap memory to the OS when the input sizes changed (at most once a second).
+
+        Buffers of a new size (decoded image, label map, resized copies) leave holes of the old size in glibc's
+        heaps, and a heap only shrinks from its top: a camera that changes resolution, or a publisher of random
+        sizes, would ratchet RSS up. At a fixed size nothing is trimmed, so the steady state pays nothing.
+        """
+        if shapes == self._last_shapes:
+            return
+        now = time.monotonic()
+        if now - self._last_trim >= 1.0:  # otherwise the next frame still sees a change and trims then
+            malloc_trim()
+            self._last_trim = now
+            self._last_shapes = shapes
 
     def _publish(self, segmenter: Segmenter, stream: Stream, frame: Any, image: np.ndarray, result: Any,
                  live: LiveSettings) -> None:
@@ -523,6 +542,8 @@ def main(args: list[str] | None = None) -> int:
     Exits 0 on SIGINT/SIGTERM after stopping in order: executor, inference worker (the frame in flight
     finishes), model, node, context. A signal during the start-up configure interrupts it.
     """
+    # fewer malloc heaps for the many DDS/executor/OpenMP threads to fragment (python -m ecmnet_ros.bench_memory)
+    limit_arenas(4)
     rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     stop, interruptible = threading.Event(), threading.Event()
     code = 0

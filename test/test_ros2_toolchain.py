@@ -115,10 +115,17 @@ def signal_node(proc: subprocess.Popen, sig: int) -> None:
     node.send_signal(sig)
 
 
-def assert_clean_log(log: Path) -> None:
+def assert_clean_exit(proc: subprocess.Popen, rc: int | None, log: Path, signal_name: str | None = None) -> None:
+    """Exit status 0 and a log without a traceback or a kill; the node said which signal stopped it."""
+    if proc.poll() is None:
+        stop(proc, signal.SIGKILL)
     text = log.read_text()
+    assert rc == 0, text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert "escalating to 'SIG" not in text, text  # launch had to kill the node
+    assert "did not stop" not in text, text  # the inference worker was joined in time
+    if signal_name:
+        assert f"{signal_name}: shutting down" in text, text
 
 
 class Camera:
@@ -309,9 +316,7 @@ def test_launched_node_through_the_ros2_command_line(workspace: Workspace, param
             assert "64" in value and "96" in value
     finally:
         rc = stop(proc, signal.SIGINT)
-    assert rc == 0, log.read_text()
-    assert_clean_log(log)
-    assert "SIGINT: shutting down" in log.read_text()
+        assert_clean_exit(proc, rc, log, "SIGINT")
 
 
 def test_lifecycle_through_ros2_lifecycle(workspace: Workspace, params_file: Path, tmp_path: Path) -> None:
@@ -323,6 +328,7 @@ def test_lifecycle_through_ros2_lifecycle(workspace: Workspace, params_file: Pat
     domain, log = next_domain(), tmp_path / "launch.log"
     proc = workspace.start(f"ros2 launch ecmnet_ros segment.launch.py autostart:=false namespace:=lc "
                            f"params_file:={params_file}", domain, log)
+    rc: int | None = None
     try:
         with camera(domain, "/lc/image") as cam:
             cam.listen(Image, "/lc/segmenter/labels")
@@ -345,11 +351,8 @@ def test_lifecycle_through_ros2_lifecycle(workspace: Workspace, params_file: Pat
         signal_node(proc, signal.SIGTERM)
         rc = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            stop(proc, signal.SIGKILL)
-    assert rc == 0, log.read_text()
-    assert_clean_log(log)
-    assert "SIGTERM: shutting down" in log.read_text() and "process has finished cleanly" in log.read_text()
+        assert_clean_exit(proc, rc, log, "SIGTERM")
+    assert "process has finished cleanly" in log.read_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -364,6 +367,7 @@ def test_ros2_run_stops_cleanly_mid_inference(workspace: Workspace, tmp_path: Pa
     domain, log = next_domain(), tmp_path / "run.log"
     proc = workspace.start(f"ros2 run ecmnet_ros segmenter --ros-args --params-file {params} -r __ns:=/rr",
                            domain, log)
+    rc: int | None = None
     try:
         with camera(domain, "/rr/image") as cam:
             cam.listen(Image, "/rr/segmenter/labels")
@@ -374,9 +378,4 @@ def test_ros2_run_stops_cleanly_mid_inference(workspace: Workspace, tmp_path: Pa
                 signal_node(proc, sig)
                 rc = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            stop(proc, signal.SIGKILL)
-    assert rc == 0, log.read_text()
-    assert_clean_log(log)
-    assert f"{signal.Signals(sig).name}: shutting down" in log.read_text()
-    assert "did not stop" not in log.read_text()
+        assert_clean_exit(proc, rc, log, signal.Signals(sig).name)
