@@ -2,8 +2,10 @@
 
 glibc raises its mmap threshold each time a large mmapped block is freed (up to 32 MiB), so later buffers of
 a few MiB (images, label maps, intermediate tensors) come from the per-thread heaps instead, and a heap only
-shrinks from its top: with image sizes that vary, freed holes pile up and RSS ratchets upwards. A fixed
-threshold sends every large buffer to mmap and back to the OS on free. No-ops where glibc is not the allocator.
+shrinks from its top: with image sizes that vary, freed holes pile up and RSS ratchets upwards. The remedies:
+fewer arenas (:func:`limit_arenas`) and :func:`malloc_trim` after a change of sizes (the node), or a fixed
+threshold that sends every large buffer to mmap and back to the OS on free (:func:`pin_mmap_threshold`, for
+peak-memory measurements; it makes every large allocation fault in fresh pages). No-ops without glibc.
 """
 
 from __future__ import annotations
@@ -48,4 +50,4 @@ def malloc_trim() -> bool:
     return bool(lib is not None and hasattr(lib, "malloc_trim") and lib.malloc_trim(0))
 
 
-__all__ = ["limit_arenas", "libc", "malloc_trim", "pin_mmap_threshold"]
+__all__ = ["MIB", "limit_arenas", "libc", "malloc_trim", "pin_mmap_threshold"]

@@ -30,18 +30,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ecmnet_core.benchmarking import (  # noqa: F401  (re-exported: the benchmark toolkit's public names)
+from ecmnet_core.benchmarking import (
     MIB,
-    Timing,
     cpu_peak_supported,
+    disturbance_note,
     environment,
     peak_extra_bytes,
-    percentile,
     resolve_device,
     time_fn,
-    time_interleaved,
 )
-from ecmnet_core.benchmarking import disturbance_note as _disturbance_note
 from ecmnet_core.checkpoint import CheckpointError
 from ecmnet_core.model import VARIANTS, build_model
 from ecmnet_core.ops.selective_scan import (
@@ -126,7 +123,7 @@ def bench_model(cfg: ModelBenchConfig) -> dict:
         "mode": "model", "model": cfg.model, "classes": cfg.classes, "input_size": [h, w], "batch": cfg.batch,
         "dtype": cfg.dtype, "channels_last": cfg.channels_last, "scan_backend": model.scan_backend(device),
         "warmup": cfg.warmup, **timing.summary(), "fps": cfg.batch * 1e3 / timing.median,
-        "environment": env, "note": _disturbance_note(load_before, env["load_avg_1min"], env["threads"]),
+        "environment": env, "note": disturbance_note(load_before, env["load_avg_1min"], env["threads"]),
     }
     return result
 
@@ -280,7 +277,7 @@ def bench_scan(cfg: ScanBenchConfig) -> dict:
         "directions": cfg.directions, "input_mib": sum(v.numel() * v.element_size() for v in base.values()) / MIB,
         "results": results, "torch_speedup": _speedups(results, "torch"), "default_backend": default,
         "default_speedup": _speedups(results, default), "memory_method": memory_note, "environment": env,
-        "note": _disturbance_note(load_before, env["load_avg_1min"], env["threads"]),
+        "note": disturbance_note(load_before, env["load_avg_1min"], env["threads"]),
     }
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ecmnet_core.allocator import malloc_trim, pin_mmap_threshold
+from ecmnet_core.allocator import MIB, malloc_trim, pin_mmap_threshold
 
-MIB = 1024 * 1024
-
+__all__ = ["MIB", "Timing", "cpu_peak_supported", "disturbance_note", "environment", "peak_extra_bytes",
+           "percentile", "resolve_device", "time_fn", "time_interleaved"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # timing

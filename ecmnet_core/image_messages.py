@@ -78,8 +78,10 @@ _ENCODINGS: dict[str, EncodingInfo] = {
     "nv12": EncodingInfo(1, "u1", cv2.COLOR_YUV2BGR_NV12),
     "nv21": EncodingInfo(1, "u1", cv2.COLOR_YUV2BGR_NV21),
 }
-_PLANAR_420 = ("nv12", "nv21")
-_PACKED_422 = ("uyvy", "yuv422", "yuyv", "yuv422_yuy2")  # one chroma pair per two pixels: even widths only
+#: 4:2:0 encodings (even widths and heights; the data holds ``height * 3/2`` rows).
+PLANAR_420 = ("nv12", "nv21")
+#: 4:2:2 encodings: one chroma pair per two pixels, so even widths only.
+PACKED_422 = ("uyvy", "yuv422", "yuyv", "yuv422_yuy2")
 
 #: Every ``Image.encoding`` the decoders accept.
 SUPPORTED_ENCODINGS: tuple[str, ...] = tuple(_ENCODINGS)
@@ -98,6 +100,11 @@ def _buffer_len(data: Any) -> int:
     return memoryview(data).nbytes if not isinstance(data, np.ndarray) else data.nbytes
 
 
+def data_rows(encoding: str, height: int) -> int:
+    """Rows of ``step`` bytes in an Image's data: ``height``, or ``height * 3/2`` for the 4:2:0 formats."""
+    return height * 3 // 2 if encoding in PLANAR_420 else height
+
+
 # -------------------------------------------------------------------------------------------- raw Image
 def check_image(msg: Any, max_pixels: int | None = None) -> EncodingInfo:
     """Validate an ``Image``'s header fields against its payload without decoding it.
@@ -113,18 +120,16 @@ def check_image(msg: Any, max_pixels: int | None = None) -> EncodingInfo:
     if max_pixels is not None and height * width > max_pixels:
         raise ImageConversionError("too_large", f"image {width}x{height} has {height * width} pixels, above the "
                                                 f"max_image_pixels limit {max_pixels}")
-    rows = height
-    if msg.encoding in _PLANAR_420:
-        if height % 2 or width % 2:
-            raise ImageConversionError("size", f"{msg.encoding} (4:2:0) needs an even width and height, got "
-                                               f"{width}x{height}")
-        rows = height * 3 // 2
-    elif msg.encoding in _PACKED_422 and width % 2:
+    if msg.encoding in PLANAR_420 and (height % 2 or width % 2):
+        raise ImageConversionError("size", f"{msg.encoding} (4:2:0) needs an even width and height, got "
+                                           f"{width}x{height}")
+    if msg.encoding in PACKED_422 and width % 2:
         raise ImageConversionError("size", f"{msg.encoding} (4:2:2) needs an even width, got {width}x{height}")
     row_bytes = width * info.channels * np.dtype(info.dtype).itemsize
     if step < row_bytes:
         raise ImageConversionError("length", f"step {step} is smaller than one row of {width} {msg.encoding} "
                                              f"pixels ({row_bytes} bytes)")
+    rows = data_rows(msg.encoding, height)
     expected = step * rows
     got = _buffer_len(msg.data)
     if got != expected:
@@ -142,9 +147,8 @@ def image_to_array(msg: Any, max_pixels: int | None = None) -> np.ndarray:
     The 4:2:0 formats come back as their (height * 3/2, width) byte planes, ready for ``cv2.cvtColor``.
     """
     info = check_image(msg, max_pixels)
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    if msg.encoding in _PLANAR_420:
-        height = height * 3 // 2
+    width, step = int(msg.width), int(msg.step)
+    height = data_rows(msg.encoding, int(msg.height))
     dtype = np.dtype(info.dtype).newbyteorder(">" if msg.is_bigendian else "<")
     buf = np.frombuffer(msg.data, np.uint8)
     array = np.ndarray((height, width, info.channels), dtype=dtype, buffer=buf,
@@ -169,7 +173,7 @@ def image_to_bgr8(msg: Any, max_pixels: int | None = None) -> np.ndarray:
         return _to_8bit(array)
     if msg.encoding.startswith("bayer_"):
         return _to_8bit(cv2.cvtColor(np.ascontiguousarray(array), info.to_bgr))
-    if info.channels == 2 or msg.encoding in _PLANAR_420:
+    if info.channels == 2 or msg.encoding in PLANAR_420:
         return cv2.cvtColor(np.ascontiguousarray(array), info.to_bgr)
     return cv2.cvtColor(_to_8bit(array), info.to_bgr)
 
@@ -280,7 +284,7 @@ def array_to_image(array: np.ndarray, encoding: str | None = None, header: Any =
         if encoding is None:
             raise ValueError(f"array_to_image: no default encoding for {array.dtype} with {channels} channels")
     info = encoding_info(encoding)
-    if encoding in _PLANAR_420:
+    if encoding in PLANAR_420:
         raise ValueError(f"array_to_image: writing {encoding} is not supported")
     if info.channels != channels or np.dtype(info.dtype) != array.dtype.newbyteorder("="):
         raise ValueError(f"array_to_image: encoding {encoding} needs {info.channels} channel(s) of {info.dtype}, "

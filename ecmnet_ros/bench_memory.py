@@ -71,6 +71,7 @@ class FrameMaker:
     def __call__(self, stamp_ns: int) -> tuple[Any, bool]:
         from sensor_msgs.msg import Image
 
+        from ecmnet_core.image_messages import PACKED_422, PLANAR_420, data_rows
         from ecmnet_ros.runtime import make_header
 
         rng = self.rng
@@ -78,13 +79,13 @@ class FrameMaker:
         w = int(np.exp(rng.uniform(0, np.log(self.max_w))))
         encoding = self.encodings[rng.integers(len(self.encodings))]
         info = self.info[encoding]
-        if encoding in ("nv12", "nv21"):
+        if encoding in PLANAR_420:
             h, w = max(2, h - h % 2), max(2, w - w % 2)
-        elif encoding in ("uyvy", "yuv422", "yuyv", "yuv422_yuy2"):
+        elif encoding in PACKED_422:
             w = max(2, w - w % 2)
         row = w * info.channels * np.dtype(info.dtype).itemsize
         step = row + int(rng.integers(0, 2)) * int(rng.integers(1, 64))
-        rows = h * 3 // 2 if encoding in ("nv12", "nv21") else h
+        rows = data_rows(encoding, h)
         length = step * rows
         valid = True
         if rng.random() < self.bad:
@@ -97,10 +98,10 @@ class FrameMaker:
             elif kind == 2:
                 step = max(0, row - 1)
                 length = step * rows
-            else:
+            else:  # an odd 4:2:0 height
                 encoding, h = "nv12", h | 1
                 w = max(2, w - w % 2)
-                step, length = w, w * (h * 3 // 2)
+                step, length = w, w * data_rows("nv12", h)
         msg = Image(header=make_header(stamp_ns), height=h, width=w, encoding=encoding, step=step)
         msg.data = self.pool[:length]
         return msg, valid

@@ -17,12 +17,10 @@ from ecmnet_core.bench import (
     ScanBenchConfig,
     bench_model,
     bench_scan,
-    cpu_peak_supported,
-    peak_extra_bytes,
-    percentile,
     scan_inputs,
     scan_length,
 )
+from ecmnet_core.benchmarking import cpu_peak_supported, peak_extra_bytes, percentile
 from ecmnet_core.cli import main
 from ecmnet_core.ops.selective_scan import available_backends, selective_scan_fn, selective_scan_textbook
 
@@ -40,14 +38,14 @@ def test_percentile_matches_numpy() -> None:
 
 def test_time_fn_runs_and_budget() -> None:
     calls = []
-    timing = bench.time_fn(lambda: calls.append(1), runs=5, warmup=2, device=torch.device("cpu"))
+    timing = benchmarking.time_fn(lambda: calls.append(1), runs=5, warmup=2, device=torch.device("cpu"))
     assert len(calls) == 7 and len(timing.samples_ms) == 5 and not timing.cold
     # a warm-up call longer than the budget is the only sample; timed runs stop once the budget is spent
     calls.clear()
-    timing = bench.time_fn(lambda: calls.append(1), runs=5, warmup=1, device=torch.device("cpu"), budget_s=0.0)
+    timing = benchmarking.time_fn(lambda: calls.append(1), runs=5, warmup=1, device=torch.device("cpu"), budget_s=0.0)
     assert len(calls) == 1 and timing.cold and timing.summary()["cold"] and timing.summary()["runs"] == 1
     calls.clear()
-    timing = bench.time_fn(lambda: calls.append(1), runs=5, warmup=0, device=torch.device("cpu"), budget_s=0.0)
+    timing = benchmarking.time_fn(lambda: calls.append(1), runs=5, warmup=0, device=torch.device("cpu"), budget_s=0.0)
     assert len(calls) == 1 and not timing.cold
 
 
@@ -64,19 +62,19 @@ def test_time_interleaved_alternates_and_keeps_budgets_per_function(monkeypatch)
         return lambda: (calls.append(name), clock.__setitem__(0, clock[0] + cost_s))
 
     cpu = torch.device("cpu")
-    out = bench.time_interleaved({"a": fn("a", 0.001), "b": fn("b", 0.002)}, runs=4, warmup=1, device=cpu)
+    out = benchmarking.time_interleaved({"a": fn("a", 0.001), "b": fn("b", 0.002)}, runs=4, warmup=1, device=cpu)
     assert calls == ["a", "b"] + ["a", "b"] * 4 and list(out) == ["a", "b"]
     assert all(len(t.samples_ms) == 4 and not t.cold for t in out.values())
     assert out["a"].median == pytest.approx(1.0) and out["b"].median == pytest.approx(2.0)
 
     calls.clear()
-    out = bench.time_interleaved({"slow": fn("slow", 0.03), "fast": fn("fast", 0.001)}, runs=5, warmup=0,
+    out = benchmarking.time_interleaved({"slow": fn("slow", 0.03), "fast": fn("fast", 0.001)}, runs=5, warmup=0,
                                  device=cpu, budget_s=0.05)
     assert len(out["slow"].samples_ms) == 2 and len(out["fast"].samples_ms) == 5
     assert calls == ["slow", "fast", "slow", "fast", "fast", "fast", "fast"]
 
     calls.clear()
-    out = bench.time_interleaved({"cold": fn("cold", 0.02), "warm": fn("warm", 0.001)}, runs=3, warmup=2,
+    out = benchmarking.time_interleaved({"cold": fn("cold", 0.02), "warm": fn("warm", 0.001)}, runs=3, warmup=2,
                                  device=cpu, budget_s=0.01)
     assert out["cold"].cold and out["cold"].samples_ms == [pytest.approx(20.0)] and calls.count("cold") == 1
     assert not out["warm"].cold and len(out["warm"].samples_ms) == 3
@@ -134,10 +132,10 @@ def test_bench_model_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="--size 8 48"):
         bench_model(ModelBenchConfig(size=(8, 48)))
     with pytest.raises(ValueError, match="only cpu, cuda"):
-        bench.resolve_device("mps")
+        benchmarking.resolve_device("mps")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            bench.resolve_device("cuda")
+            benchmarking.resolve_device("cuda")
 
 
 def test_bench_scan_tiny_all_methods() -> None:
