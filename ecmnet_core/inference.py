@@ -67,12 +67,14 @@ class InferenceConfig:
 
 @dataclass
 class SegmentationResult:
-    """Labels (H, W) uint8 class ids at the input size (255 = unlabeled), per-class coverage, timing."""
+    """Labels (H, W) uint8 class ids at the input size (255 = unlabeled), per-class coverage, timing; with
+    ``confidence=True`` also the softmax probability (H, W) float32 of each pixel's class."""
 
     labels: np.ndarray
     coverage: np.ndarray
     inference_ms: float
     extra: dict = field(default_factory=dict)
+    confidence: np.ndarray | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -207,18 +209,22 @@ class Segmenter:
     def segment(self, image: np.ndarray) -> SegmentationResult:
         return self.segment_batch([image])[0]
 
-    def segment_batch(self, images: list[np.ndarray]) -> list[SegmentationResult]:
+    def segment_batch(self, images: list[np.ndarray], confidence: bool = False) -> list[SegmentationResult]:
         """Segment several images (e.g. one per camera); same-size inputs run as one batch.
 
         Labels are made exactly as ``ecmnet-core eval`` makes them (:func:`ecmnet_core.evaluate.predict_labels`:
         logits upsampled bilinearly to the input size, then argmax), so node, replay and eval agree.
+        ``confidence`` adds each pixel's class probability (for painted point clouds).
         """
         tensors = [self.preprocess(img) for img in images]
         start = time.perf_counter()
-        preds = predict_labels(self._runner, tensors, [img.shape[:2] for img in images])
+        probs: list[torch.Tensor] | None = [] if confidence else None
+        preds = predict_labels(self._runner, tensors, [img.shape[:2] for img in images], probs)
         labels = [p.to(torch.uint8).cpu().numpy() for p in preds]
+        conf = [p.cpu().numpy() for p in probs] if probs is not None else [None] * len(labels)
         elapsed = (time.perf_counter() - start) * 1000.0 / max(len(images), 1)
-        return [SegmentationResult(labels=lab, coverage=self.coverage(lab), inference_ms=elapsed) for lab in labels]
+        return [SegmentationResult(labels=lab, coverage=self.coverage(lab), inference_ms=elapsed, confidence=c)
+                for lab, c in zip(labels, conf)]
 
     # ------------------------------------------------------------------------------------------------ outputs
     def coverage(self, labels: np.ndarray) -> np.ndarray:

@@ -101,10 +101,16 @@ def as_runner(predictor: Any, mean: Sequence[float] | None = None, std: Sequence
     raise TypeError(f"cannot evaluate a {type(predictor).__name__}: pass a Segmenter or an nn.Module")
 
 
-def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
+                   confidence: list[Tensor] | None = None) -> list[Tensor]:
     """Class ids (h, w) int64 per image: same-shape inputs run as one batch, logits are upsampled bilinearly to
-    ``sizes[i]`` before the argmax. Results stay on the runner's device."""
+    ``sizes[i]`` before the argmax. Results stay on the runner's device.
+
+    ``confidence``: a list that receives, per image, the softmax probability (h, w) float32 of the chosen
+    class (point painting's per-point probability); costs one softmax at the output size.
+    """
     out: list[Tensor | None] = [None] * len(tensors)
+    probs: list[Tensor | None] = [None] * len(tensors)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault(tuple(t.shape), []).append(i)
@@ -115,6 +121,10 @@ def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tu
             if tuple(one.shape[-2:]) != tuple(sizes[i]):
                 one = F.interpolate(one, size=tuple(sizes[i]), mode="bilinear", align_corners=False)
             out[i] = one.argmax(dim=1)[0]
+            if confidence is not None:
+                probs[i] = one.float().softmax(dim=1).amax(dim=1)[0]
+    if confidence is not None:
+        confidence.extend(probs)  # type: ignore[arg-type]
     return out  # type: ignore[return-value]
 
 

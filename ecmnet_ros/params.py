@@ -21,10 +21,11 @@ from typing import Any
 from ecmnet_core.engines import ENGINES
 from ecmnet_core.model import VARIANTS
 from ecmnet_core.ops.selective_scan import BACKENDS
+from ecmnet_core.points.painting import rigid_transform
 
 LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
 #: rcl_interfaces/ParameterType values (kept here so this module does not need rclpy).
-BOOL, INTEGER, DOUBLE, STRING, INTEGER_ARRAY, STRING_ARRAY = 1, 2, 3, 4, 7, 9
+BOOL, INTEGER, DOUBLE, STRING, INTEGER_ARRAY, DOUBLE_ARRAY, STRING_ARRAY = 1, 2, 3, 4, 7, 8, 9
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -93,6 +94,27 @@ PARAMS: tuple[ParamSpec, ...] = (
               "are always compressed"),
     ParamSpec("use_camera_info", BOOL, True, CONFIGURE,
               "subscribe to the camera_info next to each image topic and republish it with the labels"),
+    # ---- point painting (configure)
+    ParamSpec("paint_points", BOOL, False, CONFIGURE,
+              "subscribe to 'points' (sensor_msgs/PointCloud2) and publish ~/points_labeled: each point with the "
+              "class of the pixel it projects to (needs use_camera_info)"),
+    ParamSpec("lidar_to_camera", DOUBLE_ARRAY, None, CONFIGURE,
+              "16 numbers, row-major 4x4 transform from the cloud's frame to the camera optical frame; unset = "
+              "from TF (tf2_ros) at the cloud's stamp. One camera only"),
+    # ---- point painting (live)
+    ParamSpec("points_stamp_tolerance", DOUBLE, 0.05, LIVE,
+              "seconds: a cloud is painted with the labels of the image stamped nearest to it within this; "
+              "otherwise it is counted as unmatched and not published", range=(0.0, 10.0)),
+    ParamSpec("points_wait", DOUBLE, 0.5, LIVE,
+              "seconds a cloud waits for the labels of its image (still being segmented)", range=(0.0, 10.0)),
+    ParamSpec("points_rectified", BOOL, False, LIVE,
+              "the images are rectified: project with camera_info R and P (false: raw images, K and D)"),
+    ParamSpec("paint_probability", BOOL, False, LIVE,
+              "add a float32 'probability' field: the softmax probability of the painted class"),
+    ParamSpec("points_filter_classes", STRING_ARRAY, None, LIVE,
+              "class names dropped from ~/points_filtered (e.g. [Road, Sky]); unset = none"),
+    ParamSpec("points_filter_unpainted", BOOL, False, LIVE,
+              "also drop points no camera painted (outside the images) from ~/points_filtered"),
     # ---- behaviour (live)
     ParamSpec("overlay_alpha", DOUBLE, 0.5, LIVE, "weight of the class colours in ~/overlay", range=(0.0, 1.0)),
     ParamSpec("publish_color", BOOL, True, LIVE, "publish ~/color (computed only while subscribed)"),
@@ -126,6 +148,12 @@ class LiveSettings:
     coverage_classes: tuple[str, ...] = ()
     max_rate_hz: float = 0.0
     max_image_pixels: int = 7680 * 4320
+    points_stamp_tolerance: float = 0.05
+    points_wait: float = 0.5
+    points_rectified: bool = False
+    paint_probability: bool = False
+    points_filter_classes: tuple[str, ...] = ()
+    points_filter_unpainted: bool = False
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> LiveSettings:
@@ -133,7 +161,12 @@ class LiveSettings:
                    publish_overlay=bool(values["publish_overlay"]), publish_coverage=bool(values["publish_coverage"]),
                    publish_camera_info=bool(values["publish_camera_info"]),
                    coverage_classes=tuple(c for c in values.get("coverage_classes") or () if c),
-                   max_rate_hz=float(values["max_rate_hz"]), max_image_pixels=int(values["max_image_pixels"]))
+                   max_rate_hz=float(values["max_rate_hz"]), max_image_pixels=int(values["max_image_pixels"]),
+                   points_stamp_tolerance=float(values["points_stamp_tolerance"]),
+                   points_wait=float(values["points_wait"]), points_rectified=bool(values["points_rectified"]),
+                   paint_probability=bool(values["paint_probability"]),
+                   points_filter_classes=tuple(c for c in values.get("points_filter_classes") or () if c),
+                   points_filter_unpainted=bool(values["points_filter_unpainted"]))
 
 
 def validate(name: str, value: Any, class_names: list[str] | None = None) -> str | None:
@@ -156,8 +189,13 @@ def validate(name: str, value: Any, class_names: list[str] | None = None) -> str
         topics = [str(t) for t in value]
         if any(not t.strip() for t in topics) or len(set(topics)) != len(topics):
             return f"parameter 'image_topics': {topics} has empty or repeated topics"
-    if name == "coverage_classes" and value and class_names is not None:
+    if name in ("coverage_classes", "points_filter_classes") and value and class_names is not None:
         unknown = [c for c in value if c and c not in class_names]  # [""] is how a CLI clears the list
         if unknown:
-            return f"parameter 'coverage_classes': unknown class(es) {unknown}; the model has {class_names}"
+            return f"parameter {name!r}: unknown class(es) {unknown}; the model has {class_names}"
+    if name == "lidar_to_camera" and value is not None:
+        try:
+            rigid_transform(list(value))
+        except ValueError as exc:
+            return f"parameter 'lidar_to_camera': {exc}"
     return None

@@ -45,6 +45,7 @@ from ecmnet_core.image_messages import ImageConversionError, check_message, mess
 from ecmnet_core.inference import InferenceConfig, Segmenter
 from ecmnet_ros import diagnostics as diag
 from ecmnet_ros.messages import bgr_message, coverage_array, coverage_stamped, labels_message, scale_camera_info
+from ecmnet_ros.painting import PointPainter, transform_source
 from ecmnet_ros.params import CLASS_NAMES, CONFIGURE, DOUBLE, INTEGER, PARAMS, SPECS, STARTUP, LiveSettings, validate
 from ecmnet_ros.runtime import Spinner
 from ecmnet_ros.stats import ErrorCounter, LatencyWindow, LatestSlot, RateMeter
@@ -107,6 +108,7 @@ class SegmenterNode(LifecycleNode):
         # set before Node.__init__: a failing constructor still ends in destroy_node()
         self.segmenter: Segmenter | None = None
         self.streams: list[Stream] = []
+        self.painter: PointPainter | None = None
         self._configured = False
         self._active = False
         self._last_error = ""
@@ -151,6 +153,11 @@ class SegmenterNode(LifecycleNode):
         # swap one immutable snapshot: the worker reads it once per frame, so a change applies to the next frame
         self._live = LiveSettings.from_values(self.parameter_values())
 
+    @property
+    def live_settings(self) -> LiveSettings:
+        """The live parameters now (an immutable snapshot, swapped when a parameter changes)."""
+        return self._live
+
     def parameter_values(self) -> dict[str, Any]:
         """Current value of every node parameter in :data:`ecmnet_ros.params.PARAMS` (None when unset)."""
         return {spec.name: self.get_parameter_or(spec.name).value for spec in PARAMS}
@@ -193,6 +200,11 @@ class SegmenterNode(LifecycleNode):
             config = self._inference_config()
             topics = self.get_parameter_or("image_topics").value or []
             plans = plan_streams(list(topics), self.get_parameter("compressed").value, self.get_name())
+            transforms = None
+            if self.get_parameter("paint_points").value:
+                if not self.get_parameter("use_camera_info").value:
+                    raise ValueError("paint_points needs camera_info: set use_camera_info to true")
+                transforms = transform_source(self, self.get_parameter_or("lidar_to_camera").value, len(plans))
             segmenter = Segmenter(config)
         except Exception as exc:  # bad checkpoint, unavailable device, bad topics: say why, stay unconfigured
             if self.shutdown_requested.is_set():  # a signal interrupted the load or warm-up: not an error
@@ -230,6 +242,10 @@ class SegmenterNode(LifecycleNode):
                     msg_type, plan.output(name), RESULT_QOS, qos_overriding_options=with_overrides)
             stream.labels_topic = stream.publishers["labels"].topic_name
             self.streams.append(stream)
+        if transforms is not None:
+            self.painter = PointPainter(self, len(self.streams), transforms, RESULT_QOS, WARN_PERIOD_S,
+                                        self._io_group)
+            log.info(f"painting points from {self.painter.topic} (transform from {transforms.describe})")
         self._configured = True
         return super().on_configure(state)
 
@@ -249,6 +265,8 @@ class SegmenterNode(LifecycleNode):
                     CameraInfo, plan.camera_info, lambda msg, s=stream: setattr(s, "camera_info", msg), IMAGE_QOS,
                     callback_group=self._io_group))
             stream.next_due = 0.0
+        if self.painter is not None:
+            self.painter.activate()
         self._start_worker()
         self._active = True
         inputs = ", ".join(s.name for s in self.streams)
@@ -277,6 +295,8 @@ class SegmenterNode(LifecycleNode):
         """Stop the worker and unsubscribe; frames still in the slots are discarded."""
         self._active = False
         self._stop_worker()
+        if self.painter is not None:
+            self.painter.deactivate()
         for stream in self.streams:
             for sub in stream.subscriptions:
                 self.destroy_subscription(sub)
@@ -295,6 +315,9 @@ class SegmenterNode(LifecycleNode):
             for pub in stream.publishers.values():
                 self.destroy_lifecycle_publisher(pub)
         self.streams = []
+        if self.painter is not None:
+            self.painter.destroy()
+            self.painter = None
         if self.segmenter is not None:
             self.segmenter.release()
             self.segmenter = None
@@ -380,7 +403,7 @@ class SegmenterNode(LifecycleNode):
         if segmenter is None:
             return
         start = time.perf_counter()
-        results = segmenter.segment_batch(images)
+        results = segmenter.segment_batch(images, confidence=self.painter is not None and live.paint_probability)
         model_ms = (time.perf_counter() - start) * 1000.0 / len(images)
         for stream, frame, image, result in zip(streams, frames, images, results):
             stream.model.add(model_ms)
@@ -408,6 +431,9 @@ class SegmenterNode(LifecycleNode):
         labels = result.labels
         pubs = stream.publishers
         pubs["labels"].publish(labels_message(labels, header))
+        if self.painter is not None:
+            self.painter.add_labels(self.streams.index(stream), header, labels, result.confidence,
+                                    stream.camera_info)
         if live.publish_color and stream.wants("color"):
             pubs["color"].publish(bgr_message(segmenter.colorize(labels), header))
         if live.publish_overlay and stream.wants("overlay"):
@@ -461,6 +487,8 @@ class SegmenterNode(LifecycleNode):
         now = time.monotonic()
         for stream in self.streams:
             statuses.append(self._stream_status(name, stream, now, hardware_id))
+        if self.painter is not None:
+            statuses.append(self._points_status(name, self.painter, hardware_id))
         return DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=statuses)
 
     def _stream_status(self, name: str, stream: Stream, now: float, hardware_id: str):
@@ -492,6 +520,21 @@ class SegmenterNode(LifecycleNode):
         if stream.errors.total:
             message += f"; {stream.errors.total} bad messages"
         return diag.make_status(f"{name}: {stream.name}", level, message, hardware_id, values)
+
+    def _points_status(self, name: str, painter: PointPainter, hardware_id: str):
+        values = painter.values()
+        s = painter.stats
+        if not self._active:
+            level, message = diag.WARN, "inactive"
+        elif s.clouds_received == 0:
+            level, message = diag.WARN, "no point clouds received"
+        elif s.clouds_painted == 0:
+            level, message = diag.WARN, "receiving clouds, none painted yet"
+        else:
+            level, message = diag.OK, "painting"
+        if s.errors.total:
+            message += f"; {s.errors.total} bad clouds or painting errors"
+        return diag.make_status(f"{name}: {painter.topic}", level, message, hardware_id, values)
 
     def publish_diagnostics(self) -> None:
         try:
