@@ -305,11 +305,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", action="store_true",
                         help="time training steps (baseline vs default path, in rounds) at --size and --batch, "
                              "and the data pipeline")
+    parser.add_argument("--points", type=int, default=None, metavar="N",
+                        help="time point painting of N LiDAR points (projection + label lookup) instead; "
+                             "--size is the label image size (default 720 1280)")
     parser.add_argument("--data", default=None,
                         help="--train: CamVid-style root for the data-loading figure (default ../shared/camvid)")
     parser.add_argument("--model", default="ecmnet", choices=list(VARIANTS), help="model variant (default ecmnet)")
     parser.add_argument("--classes", type=int, default=11, help="number of classes (default 11, CamVid)")
-    parser.add_argument("--size", type=int, nargs=2, default=(360, 480), metavar=("H", "W"),
+    parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help="image height and width (default 360 480); --scan uses L = ceil(H/16)*ceil(W/16)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
@@ -411,9 +414,16 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise SystemExit(f"bench: --threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    size = (int(args.size[0]), int(args.size[1]))
+    size = (int(args.size[0]), int(args.size[1])) if args.size else (360, 480)
     try:
-        if args.train:
+        if args.points is not None:
+            from ecmnet_core.points.bench import bench_painting, format_painting
+
+            result = bench_painting(args.points, size if args.size else (720, 1280),
+                                    runs=50 if args.runs is None else args.runs,
+                                    warmup=5 if args.warmup is None else args.warmup)
+            text = format_painting
+        elif args.train:
             from ecmnet_core.bench_train import TrainBenchConfig, bench_train, format_train
 
             if args.batch < 1:

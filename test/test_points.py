@@ -265,3 +265,15 @@ def test_codec_round_trip_with_sensor_msgs_py():
     np.testing.assert_array_equal(back["intensity"], np.arange(50)[keep])
     np.testing.assert_array_equal(back["label"], labels[keep])
     np.testing.assert_array_equal(back["probability"], prob[keep])
+
+
+def test_painting_benchmark_command_prints_every_case(capsys):
+    import json
+
+    from ecmnet_core.cli import main as cli
+
+    assert cli(["bench", "--points", "3000", "--size", "120", "160", "--runs", "2", "--warmup", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["points"] == 3000 and result["label_size"] == [120, 160]
+    assert set(result["cases"]) == {"raw (K, D)", "raw + probability", "rectified (R, P)", "two cameras"}
+    assert all(c["median_ms"] > 0 and c["runs"] == 2 for c in result["cases"].values())

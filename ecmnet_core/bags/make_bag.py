@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from ecmnet_core.bags.reader import COMPRESSED_IMAGE, CUSTOM_PREFIX, IMAGE, UNLABELED, BagError
+from ecmnet_core.bags.reader import (
+    CAMERA_INFO,
+    COMPRESSED_IMAGE,
+    CUSTOM_PREFIX,
+    IMAGE,
+    POINT_CLOUD2,
+    UNLABELED,
+    BagError,
+)
 from ecmnet_core.image_messages import array_to_compressed, array_to_image
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,9 @@ class BagWriteConfig:
     start_time: float | None = None  # seconds since the epoch of the first stamp; None = now
     overwrite: bool = False
     custom: dict[str, object] = field(default_factory=dict)
+    lidar_points: int = 0  # > 0: a synthetic LiDAR cloud with each frame (and camera_info)
+    points_topic: str = "/lidar/points"
+    lidar_frame_id: str = "lidar"
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -66,7 +77,10 @@ class BagWriteConfig:
             raise ValueError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.distro not in DISTROS:
             raise ValueError(f"--distro {self.distro!r} is not supported (choose {', '.join(DISTROS)})")
-        for name, topic in (("--topic", self.topic), ("--label-topic", self.label_topic)):
+        if self.lidar_points < 0:
+            raise ValueError(f"--lidar must be >= 0 points per cloud, got {self.lidar_points}")
+        for name, topic in (("--topic", self.topic), ("--label-topic", self.label_topic),
+                            ("--points-topic", self.points_topic)):
             if topic and not topic.startswith("/"):
                 raise ValueError(f"{name} {topic!r} must be an absolute topic name (start with '/')")
         if self.compressed and not self.topic.endswith("/compressed"):
@@ -140,6 +154,7 @@ def write_image_bag(frames: Iterable[BagFrame], config: BagWriteConfig) -> BagSu
             qos = [qos_profile()]
             img_conn = writer.add_connection(config.topic, img_type, typestore=ts, offered_qos_profiles=qos)
             label_conn = None
+            lidar = _LidarWriter(writer, ts, config, qos) if config.lidar_points else None
             for i, frame in enumerate(frames):
                 image = _check_image(frame)
                 t_ns = start_ns + int(round(i * period_ns))
@@ -156,6 +171,8 @@ def write_image_bag(frames: Iterable[BagFrame], config: BagWriteConfig) -> BagSu
                     msg = array_to_image(label, "mono8", header(t_ns), image_cls)
                     writer.write(label_conn, t_ns, ts.serialize_cdr(msg, IMAGE))
                     n_labels += 1
+                if lidar is not None:
+                    lidar.write(i, t_ns, image.shape[:2], header(t_ns))
                 n_frames += 1
                 names.append(frame.name)
                 size = size or image.shape[:2]
@@ -163,7 +180,8 @@ def write_image_bag(frames: Iterable[BagFrame], config: BagWriteConfig) -> BagSu
                 raise BagError("no frames to write (the source is empty)")
             custom = {**config.custom, "frames": names, "image_topic": config.topic, "rate": config.rate,
                       "label_topic": config.label_topic if label_conn is not None else "",
-                      "ignore_index": UNLABELED, "image_size": list(size or ())}
+                      "ignore_index": UNLABELED, "image_size": list(size or ()),
+                      **(lidar.custom() if lidar is not None else {})}
             for key, value in custom.items():
                 writer.set_custom_data(CUSTOM_PREFIX + key, json.dumps(value))
     except BaseException:
@@ -173,6 +191,50 @@ def write_image_bag(frames: Iterable[BagFrame], config: BagWriteConfig) -> BagSu
     staging.rmdir()
     return BagSummary(out, config.storage, n_frames, n_labels, config.topic,
                       config.label_topic if n_labels else None, start_ns, (n_frames - 1) / config.rate)
+
+
+class _LidarWriter:
+    """``make-bag --lidar N``: with every frame a CameraInfo and a PointCloud2 of the synthetic driving scene
+    (:mod:`ecmnet_core.points.synthetic`: road plane, cars, a pedestrian, seen by a LiDAR 0.25 m above and
+    0.4 m behind the camera), stamped like the image. The clouds do not match the images' content (there is
+    no depth in the data sets): they exercise painting end to end and show which classes points land on."""
+
+    def __init__(self, writer: Any, ts: Any, config: BagWriteConfig, qos: list[Any]) -> None:
+        self.writer, self.ts, self.config = writer, ts, config
+        base = config.topic.removesuffix("/compressed").rsplit("/", 1)[0]
+        self.info_topic = f"{base}/camera_info"
+        self.info_conn = writer.add_connection(self.info_topic, CAMERA_INFO, typestore=ts, offered_qos_profiles=qos)
+        self.points_conn = writer.add_connection(config.points_topic, POINT_CLOUD2, typestore=ts,
+                                                 offered_qos_profiles=qos)
+        self._labels: dict[tuple[int, int], np.ndarray] = {}
+        self.transform: np.ndarray | None = None
+
+    def write(self, index: int, t_ns: int, size: tuple[int, int], header: Any) -> None:
+        from ecmnet_core.points.cloud import cloud_message, xyz_records
+        from ecmnet_core.points.synthetic import driving_scene
+
+        h, w = size
+        scene = driving_scene(width=w, height=h, points=self.config.lidar_points, seed=index, distorted=False,
+                              labels=self._labels.get(size))
+        self._labels[size] = scene.labels
+        self.transform = scene.lidar_to_camera
+        t = self.ts.types
+        cam = scene.camera
+        roi = t["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
+        info = t[CAMERA_INFO](header=header, height=h, width=w, distortion_model=cam.distortion_model,
+                              d=cam.d.copy(), k=cam.k.ravel().copy(), r=cam.r.ravel().copy(), p=cam.p.ravel().copy(),
+                              binning_x=0, binning_y=0, roi=roi)
+        self.writer.write(self.info_conn, t_ns, self.ts.serialize_cdr(info, CAMERA_INFO))
+        records, fields = xyz_records(scene.points, {"intensity": scene.intensity})
+        lidar_header = type(header)(stamp=header.stamp, frame_id=self.config.lidar_frame_id)
+        cloud = cloud_message(records, fields, lidar_header, msg_type=t[POINT_CLOUD2],
+                              field_type=t["sensor_msgs/msg/PointField"])
+        self.writer.write(self.points_conn, t_ns, self.ts.serialize_cdr(cloud, POINT_CLOUD2))
+
+    def custom(self) -> dict[str, object]:
+        transform = self.transform.ravel().tolist() if self.transform is not None else None
+        return {"points_topic": self.config.points_topic, "camera_info_topic": self.info_topic,
+                "lidar_to_camera": transform}
 
 
 def _check_image(frame: BagFrame) -> np.ndarray:
@@ -270,6 +332,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distro", choices=list(DISTROS), default="kilted", help="message definitions / metadata")
     parser.add_argument("--start-time", type=float, default=None,
                         help="stamp of the first frame in seconds since the epoch (default: now)")
+    parser.add_argument("--lidar", type=int, default=0, metavar="N",
+                        help="add a synthetic LiDAR PointCloud2 of N points per frame, and camera_info next to "
+                             "the image topic (for point painting in replay and the node)")
+    parser.add_argument("--points-topic", default="/lidar/points", help="cloud topic with --lidar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -285,11 +351,13 @@ def run(args: argparse.Namespace) -> int:
         config = BagWriteConfig(out=args.out, rate=args.rate, storage=args.storage, compressed=args.compressed,
                                 jpeg_quality=args.jpeg_quality, topic=args.topic, label_topic=args.label_topic,
                                 frame_id=args.frame_id, distro=args.distro, start_time=args.start_time,
-                                overwrite=args.overwrite, custom=custom)
+                                overwrite=args.overwrite, custom=custom, lidar_points=args.lidar,
+                                points_topic=args.points_topic)
         summary = write_image_bag(frames, config)
     except (BagError, ValueError) as exc:  # DataError is a ValueError
         raise SystemExit(f"make-bag: {exc}") from None
     print(f"wrote {summary.path} ({summary.storage}): {summary.frames} frames on {summary.image_topic}"
           + (f", {summary.labels} labels on {summary.label_topic}" if summary.label_topic else ", no labels")
-          + f", {summary.duration_s:.2f} s at {config.rate:g} Hz")
+          + f", {summary.duration_s:.2f} s at {config.rate:g} Hz"
+          + (f"; {config.lidar_points} LiDAR points per frame on {config.points_topic}" if config.lidar_points else ""))
     return 0

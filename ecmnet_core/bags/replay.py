@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ecmnet_core.bags.points_replay import PointsReplay
 from ecmnet_core.bags.reader import BagError, BagMessage, BagReader, decode_image_message, decode_label_message
 from ecmnet_core.bags.report import FrameRecord, LabelBagWriter, ReplayReport
 from ecmnet_core.evaluate import segment_images
@@ -71,7 +72,8 @@ def display_classes(reader: BagReader, segmenter: Segmenter) -> tuple[list[str],
 def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str | None = None,
                    label_topic: str | None = None, start_offset: float = 0.0, max_frames: int | None = None,
                    output_bag: str | Path | None = None, output_label_topic: str = "/segmenter/labels",
-                   progress: bool = False) -> ReplayReport:
+                   progress: bool = False, points_topic: str | None = None, lidar_to_camera: Any = None
+                   ) -> ReplayReport:
     """Run ``segmenter`` on every image of the bag and score it against the bag's label topic.
 
     Args:
@@ -84,6 +86,9 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
         max_frames: stop after this many image frames.
         output_bag: write a copy of the bag with the predictions on ``output_label_topic``.
         progress: show a progress bar on stderr.
+        points_topic: PointCloud2 topic to paint with the predictions (None = the bag's ``make-bag --lidar``
+            topic or its only cloud topic, "" = none); needs a CameraInfo topic and ``lidar_to_camera`` (16
+            numbers, row-major; default: the bag's metadata).
     """
     image, label = reader.resolve_topics(image_topic, label_topic)
     if start_offset < 0:
@@ -99,6 +104,8 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
              "start_offset_s": start_offset, "dataset": reader.custom_data.get("dataset")},
         segmenter={**segmenter.describe(), "random_weights": bool(segmenter.random_weights)})
     writer = LabelBagWriter(Path(output_bag), reader, output_label_topic) if output_bag else None
+    painter = PointsReplay.from_bag(reader, class_names, points_topic, lidar_to_camera)
+    report.points = painter
 
     pending_pred: dict[int, tuple[FrameRecord, np.ndarray]] = {}
     pending_gt: dict[int, tuple[int, np.ndarray]] = {}
@@ -116,7 +123,7 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
             pending_gt.pop(stamp)
             report.unmatched_labels += 1
 
-    topics = [image.name] + ([label.name] if label else [])
+    topics = [image.name] + ([label.name] if label else []) + (painter.topics if painter else [])
     to_read = None if writer else topics  # the output bag copies every topic
     try:
         done = False
@@ -127,12 +134,18 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
                 break
             if msg.msg is None:
                 continue
+            if painter is not None and msg.topic in painter.topics:
+                if not done:
+                    painter.on_message(msg, reader)
+                continue
             if label is not None and msg.topic == label.name:
                 if done and msg.stamp_ns not in pending_pred:
                     continue  # past --max-frames: only labels of frames already predicted matter
                 gt = _decode(reader, msg, label.msgtype, decode_label_message)
                 if gt is None:
                     continue
+                if painter is not None:
+                    painter.on_ground_truth(msg.stamp_ns, gt)
                 if msg.stamp_ns in pending_pred:
                     record, pred = pending_pred.pop(msg.stamp_ns)
                     report.add_frame(record, pred, gt)
@@ -164,6 +177,8 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
                                  coverage=segmenter.coverage(pred))
             if writer is not None:
                 writer.write_labels(msg.t_ns, msg.stamp_ns, msg.frame_id, pred)
+            if painter is not None:
+                painter.on_prediction(msg.stamp_ns, msg.t_ns, pred)
             if msg.stamp_ns in pending_gt:
                 report.add_frame(record, pred, pending_gt.pop(msg.stamp_ns)[1])
             elif label is None:
@@ -174,6 +189,8 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
             bar.update(1)
             flush(msg.t_ns)
         flush(None)
+        if painter is not None:
+            painter.finish()
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -225,6 +242,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="ground-truth mono8 label topic (default: /camera/labels if present; '' = none)")
     g.add_argument("--start-offset", type=float, default=0.0, help="skip this many seconds of the bag")
     g.add_argument("--max-frames", type=int, default=None, help="stop after this many image frames")
+    g.add_argument("--points-topic", default=None,
+                   help="offline: PointCloud2 topic to paint with the predictions (default: the bag's cloud topic "
+                        "if it has one; '' = none); reports the share of painted points per class")
+    g.add_argument("--lidar-to-camera", type=float, nargs=16, default=None, metavar="M",
+                   help="offline: row-major 4x4 cloud frame -> camera optical frame (default: the bag's "
+                        "make-bag --lidar metadata)")
     g = parser.add_argument_group("model (offline, and the node started by --spawn-node)")
     g.add_argument("--checkpoint", default=None, help="checkpoint file (default: the packaged CamVid model)")
     g.add_argument("--model", default=None, help="random-weight model variant instead of a checkpoint (timing)")
@@ -309,7 +332,8 @@ def run(args: argparse.Namespace) -> int:
             report = replay_offline(reader, segmenter, image_topic=args.image_topic, label_topic=args.label_topic,
                                     start_offset=args.start_offset, max_frames=args.max_frames,
                                     output_bag=args.output_bag, output_label_topic=args.output_label_topic,
-                                    progress=True)
+                                    progress=True, points_topic=args.points_topic,
+                                    lidar_to_camera=args.lidar_to_camera)
     except (BagError, ValueError) as exc:
         raise SystemExit(f"replay: {exc}") from None
     report.publish(args.out, not args.no_plots, args.output_label_topic if args.output_bag else None, "predicted")

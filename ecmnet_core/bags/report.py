@@ -89,6 +89,7 @@ class ReplayReport:
         self.skipped: dict[str, int] = {}
         self.unmatched_labels = 0
         self.extra: dict[str, Any] = {}
+        self.points: Any = None  # offline point painting (PointsReplay: summary(), format_text())
 
     # ------------------------------------------------------------------------------------------ filling
     def add_frame(self, record: FrameRecord, pred: np.ndarray | None = None, gt: np.ndarray | None = None) -> None:
@@ -152,6 +153,7 @@ class ReplayReport:
             },
             "coverage_mean": {n: _num(v) for n, v in zip(self.class_names, mean_cov)},
             **({"live": self.extra} if self.extra else {}),
+            **({"points": self.points.summary()} if self.points is not None else {}),
         }
 
     def format_text(self) -> str:
@@ -178,6 +180,8 @@ class ReplayReport:
                     "lockstep_timeouts", "wall_s")
             lines.append("live: " + ", ".join(f"{k} {self.extra[k]:.3g}" if isinstance(self.extra[k], float)
                                               else f"{k} {self.extra[k]}" for k in keys if k in self.extra))
+        if self.points is not None:
+            lines.append(self.points.format_text())
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------------ files

@@ -98,12 +98,15 @@ def draw_labels(camera: CameraModel, camera_height: float = 1.5, boxes: tuple[Bo
 
 
 def driving_scene(width: int = 480, height: int = 360, points: int = 20_000, seed: int = 0, distorted: bool = True,
-                  camera_height: float = 1.5, boxes: tuple[Box, ...] = DEFAULT_BOXES) -> Scene:
-    """The scene with ``points`` LiDAR points: about 70 % on visible surfaces, the rest behind the camera or
-    outside the image. Points within 2 pixels of a label boundary are left out (their pixel is ambiguous)."""
+                  camera_height: float = 1.5, boxes: tuple[Box, ...] = DEFAULT_BOXES,
+                  labels: np.ndarray | None = None) -> Scene:
+    """The scene with ``points`` LiDAR points: most on visible surfaces, the rest behind the camera or outside
+    the image. Points within 2 pixels of a label boundary are left out (their pixel is ambiguous). ``labels``:
+    the scene's drawn labels from an earlier call with the same geometry (drawing is the slow part)."""
     rng = np.random.default_rng(seed)
     camera = scene_camera(width, height, distorted)
-    labels = draw_labels(camera, camera_height, boxes)
+    if labels is None:
+        labels = draw_labels(camera, camera_height, boxes)
     transform = lidar_to_camera()
     # visible points: rays through random pixels (undistorted directions) to the nearest surface
     n_front = int(points * 0.9)
