@@ -18,9 +18,11 @@ class ECA(nn.Module):
         self.conv = nn.Conv1d(1, 1, kernel, padding=kernel // 2, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = x.mean(dim=(2, 3)).unsqueeze(1)  # (B, 1, C)
-        w = torch.sigmoid(self.conv(w)).transpose(1, 2).unsqueeze(-1)  # (B, C, 1, 1)
-        return x * w
+        return x * self.weights(x.mean(dim=(2, 3)))[:, :, None, None]
+
+    def weights(self, mean: Tensor) -> Tensor:
+        """(B, C) channel means -> (B, C) channel weights sigmoid(Conv1d_k(mean))."""
+        return torch.sigmoid(self.conv(mean.unsqueeze(1))).squeeze(1)
 
 
 class DDA(nn.Module):
@@ -43,10 +45,14 @@ class DDA(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor) -> Tensor:
+        return x + self.gamma * self.attention(x)
+
+    def attention(self, x: Tensor) -> Tensor:
+        """O_h + O_w before the residual (EDAB's compiled merge adds x + gamma * this itself)."""
         q, k, v = self.query(x), self.key(x), self.value(x)
         scale = 1.0 / math.sqrt(self.key_dim)
         # compiled kernel for CPU fp32 inference, PyTorch otherwise (see ecmnet_core.ops.axial_attention)
-        return x + self.gamma * axial_attention(q, k, v, scale, backend=self.backend)
+        return axial_attention(q, k, v, scale, backend=self.backend)
 
     def attention_macs(self, x_shape: torch.Size) -> int:
         """Multiply-accumulates of the two attention products for an input of ``x_shape`` (not seen by hooks)."""

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from ecmnet_core.model.edab import EDAB
 from ecmnet_core.model.layers import BNPReLU, ConvBNPReLU, DownSamplingBlock, UpsamplingBlock
+from ecmnet_core.ops.edab_cpu import pack_merge_params, pack_params
 
 
 @torch.no_grad()
@@ -63,13 +65,65 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     return model
 
 
+def _folded_conv_prelu(block: ConvBNPReLU) -> tuple[nn.Conv2d, nn.Module] | None:
+    """(conv with the batch norm folded in, PReLU) of a folded ConvBNPReLU, else None."""
+    if len(block) == 2 and isinstance(block[1], BNPReLU) and isinstance(block[1][0], nn.Identity) \
+            and block[0].bias is not None:
+        return block[0], block[1][1]
+    return None
+
+
+def pack_depthwise_pairs(model: nn.Module) -> int:
+    """Store each EDAB's two folded depthwise pairs and its eval-mode ``bn_prelu_out`` as the compiled kernels'
+    parameter blocks (``EDAB.pair_b1``/``pair_b2``/``merge``, non-persistent buffers); returns how many EDABs got
+    them."""
+    packed = 0
+    for module in model.modules():
+        if not isinstance(module, EDAB):
+            continue
+        pairs = []
+        for first, second in ((module.dconv3x1, module.dconv1x3), (module.ddconv3x1, module.ddconv1x3)):
+            a, b = _folded_conv_prelu(first), _folded_conv_prelu(second)
+            if a is None or b is None:
+                break
+            pairs.append(pack_params(a[0].weight, a[0].bias, a[1].weight, b[0].weight, b[0].bias, b[1].weight))
+        out = module.bn_prelu_out
+        if len(pairs) == 2 and _foldable(out[0]) and isinstance(out[1], nn.PReLU):
+            module.pair_b1, module.pair_b2 = pairs
+            module.merge = pack_merge_params(out[0], out[1].weight)
+            packed += 1
+    return packed
+
+
+def pack_bn_prelu(model: nn.Module) -> int:
+    """Store every eval-mode BNPReLU (a folded one is a PReLU alone) as the compiled kernel's (3, C) block
+    (``BNPReLU.affine``); returns the count."""
+    packed = 0
+    for module in model.modules():
+        if not isinstance(module, BNPReLU) or not isinstance(module[1], nn.PReLU):
+            continue
+        if _foldable(module[0]):
+            module.affine = pack_merge_params(module[0], module[1].weight)
+        elif isinstance(module[0], nn.Identity) and module[1].num_parameters > 1:  # folded before: PReLU alone
+            a = module[1].weight.detach().float()
+            c = module[1].num_parameters
+            module.affine = torch.stack([torch.ones(c), torch.zeros(c), a.reshape(-1).expand(c)]).contiguous()
+        else:
+            continue
+        packed += 1
+    return packed
+
+
 def optimize_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Every inference rewrite: :func:`fold_batchnorm`, and the classifier applied before the final upsampling
-    (``ECMNet.classify_before_upsample``: linear maps commute). Same function up to float rounding; eval mode."""
+    """Every inference rewrite: :func:`fold_batchnorm`, the classifier applied before the final upsampling
+    (``ECMNet.classify_before_upsample``: linear maps commute) and the depthwise pairs packed for the compiled
+    kernel (:func:`pack_depthwise_pairs`). Same function up to float rounding; eval mode."""
     model = fold_batchnorm(model, inplace=inplace)
+    pack_depthwise_pairs(model)
+    pack_bn_prelu(model)
     if hasattr(model, "classify_before_upsample"):
         model.classify_before_upsample = True
     return model
 
 
-__all__ = ["fold_batchnorm", "optimize_for_inference"]
+__all__ = ["fold_batchnorm", "optimize_for_inference", "pack_bn_prelu", "pack_depthwise_pairs"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ecmnet_core.ops import bn_prelu_cpu
+from ecmnet_core.ops import bn_prelu_cpu, edab_cpu
 
 BN_EPS = 1e-3
 
@@ -31,14 +31,22 @@ class BNPReLU(nn.Sequential):
     ``fused``: in training, on fp32 channels-last CPU tensors, run both as one compiled kernel with its backward
     (:mod:`ecmnet_core.ops.bn_prelu_cpu`; same function, same running-statistics update). A plain attribute, not
     saved in checkpoints; the fast training path turns it on.
+
+    ``affine``: after :func:`ecmnet_core.model.fuse.optimize_for_inference`, the eval-mode BatchNorm and PReLU as
+    one (3, C) block; CPU fp32 channels-last inference then runs them as one compiled kernel
+    (:func:`ecmnet_core.ops.edab_cpu.affine_prelu_cpu`). A non-persistent buffer.
     """
 
     fused: bool = False
+    affine: Tensor | None
 
     def __init__(self, channels: int) -> None:
         super().__init__(nn.BatchNorm2d(channels, eps=BN_EPS), PReLU(channels))
+        self.register_buffer("affine", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.affine is not None and not torch.is_grad_enabled() and edab_cpu.usable(x):
+            return edab_cpu.affine_prelu_op(x, self.affine)
         bn, prelu = self[0], self[1]
         if self.fused and self.training and isinstance(bn, nn.BatchNorm2d) and bn_prelu_cpu.fits(x, bn):
             return bn_prelu_cpu.bn_prelu_train(x, bn, prelu.weight)
