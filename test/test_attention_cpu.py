@@ -303,3 +303,33 @@ def test_build_without_openmp_uses_its_own_threads(tmp_path: Path, monkeypatch, 
     ref = check(q, k, v, 0.5)
     threads(3)
     torch.testing.assert_close(attention_cpu.axial_attention_cpu(q, k, v, 0.5), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dk,c,hw", [(4, 32, (23, 30)), (1, 8, (9, 1)), (8, 64, (5, 17)), (2, 12, (1, 1))])
+def test_stacked_qkv_reads_the_slices_in_place(lanes: int, dk: int, c: int, hw: tuple[int, int]) -> None:
+    """q, k, v as channel slices of one channels-last tensor (DDA's projections as one convolution) give the
+    separate kernel's result."""
+    qkv = torch.randn(2, 2 * dk + c, *hw, generator=torch.Generator().manual_seed(dk)).contiguous(
+        memory_format=torch.channels_last)
+    q, k, v = qkv.split([dk, dk, c], dim=1)
+    ref = attention_cpu.axial_attention_cpu(q, k, v, 0.5)
+    out = attention_cpu.axial_attention_qkv_cpu(qkv, dk, 0.5)
+    assert out.shape == v.shape and torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="too few"):
+        attention_cpu.axial_attention_qkv_cpu(qkv[:, : 2 * dk], dk, 0.5)
+
+
+def test_dda_with_stacked_projections_equals_dda(lanes: int) -> None:
+    from ecmnet_core.model.fuse import stack_dda_projections
+
+    dda = DDA(32).eval()
+    with torch.no_grad():
+        dda.gamma.fill_(0.8)
+    x = torch.randn(1, 32, 12, 20).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = dda(x)
+        assert stack_dda_projections(dda) == 1
+        assert torch.allclose(dda(x), ref, rtol=1e-5, atol=1e-5)
+    x.requires_grad_()
+    dda(x).sum().backward()  # under autograd the separate projections (and PyTorch attention) are used
+    assert x.grad is not None

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ecmnet_core.ops.axial_attention import BACKENDS, axial_attention
+from ecmnet_core.ops import attention_cpu
+from ecmnet_core.ops.axial_attention import BACKENDS, axial_attention, resolve_backend
 
 
 class ECA(nn.Module):
@@ -32,9 +34,14 @@ class DDA(nn.Module):
     Output = x + gamma * (O_h + O_w), gamma initialised to 0. (B, c, H, W) -> same.
     ``backend``: attention backend of :func:`ecmnet_core.ops.axial_attention.axial_attention` (None: automatic,
     i.e. the compiled kernel for CPU fp32 inference); a plain attribute, not saved in checkpoints.
+    ``qkv_weight``/``qkv_bias``: after :func:`ecmnet_core.model.fuse.optimize_for_inference`, the three 1x1
+    convolutions stacked into one (non-persistent buffers); inference then runs one convolution and the kernel reads
+    q, k and v from its output in place.
     """
 
     backend: str | None = None
+    qkv_weight: Tensor | None
+    qkv_bias: Tensor | None
 
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__()
@@ -43,14 +50,22 @@ class DDA(nn.Module):
         self.key = nn.Conv2d(channels, self.key_dim, 1)
         self.value = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.gamma * self.attention(x)
 
     def attention(self, x: Tensor) -> Tensor:
         """O_h + O_w before the residual (EDAB's compiled merge adds x + gamma * this itself)."""
-        q, k, v = self.query(x), self.key(x), self.value(x)
         scale = 1.0 / math.sqrt(self.key_dim)
+        if self.qkv_weight is not None and self.qkv_bias is not None and not torch.is_grad_enabled():
+            qkv = F.conv2d(x, self.qkv_weight, self.qkv_bias)
+            q, k, v = qkv.split([self.key_dim, self.key_dim, qkv.shape[1] - 2 * self.key_dim], dim=1)
+            if qkv.is_contiguous(memory_format=torch.channels_last) and resolve_backend(q, k, v, self.backend) == "cpp":
+                return attention_cpu.axial_attention_qkv_op(qkv, self.key_dim, scale)
+            return axial_attention(q, k, v, scale, backend=self.backend)
+        q, k, v = self.query(x), self.key(x), self.value(x)
         # compiled kernel for CPU fp32 inference, PyTorch otherwise (see ecmnet_core.ops.axial_attention)
         return axial_attention(q, k, v, scale, backend=self.backend)
 

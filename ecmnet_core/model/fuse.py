@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from ecmnet_core.model.attention import DDA
 from ecmnet_core.model.edab import EDAB
 from ecmnet_core.model.layers import BNPReLU, ConvBNPReLU, DownSamplingBlock, UpsamplingBlock
 from ecmnet_core.ops.edab_cpu import pack_merge_params, pack_params
@@ -96,34 +97,41 @@ def pack_depthwise_pairs(model: nn.Module) -> int:
 
 
 def pack_bn_prelu(model: nn.Module) -> int:
-    """Store every eval-mode BNPReLU (a folded one is a PReLU alone) as the compiled kernel's (3, C) block
-    (``BNPReLU.affine``); returns the count."""
+    """Store every eval-mode BNPReLU whose batch norm could not be folded as the compiled kernel's (3, C) block
+    (``BNPReLU.affine``; a folded one is a PReLU alone, which PyTorch's own kernel runs as fast); returns the count."""
     packed = 0
     for module in model.modules():
-        if not isinstance(module, BNPReLU) or not isinstance(module[1], nn.PReLU):
-            continue
-        if _foldable(module[0]):
+        if isinstance(module, BNPReLU) and _foldable(module[0]) and isinstance(module[1], nn.PReLU):
             module.affine = pack_merge_params(module[0], module[1].weight)
-        elif isinstance(module[0], nn.Identity) and module[1].num_parameters > 1:  # folded before: PReLU alone
-            a = module[1].weight.detach().float()
-            c = module[1].num_parameters
-            module.affine = torch.stack([torch.ones(c), torch.zeros(c), a.reshape(-1).expand(c)]).contiguous()
-        else:
-            continue
-        packed += 1
+            packed += 1
     return packed
+
+
+def stack_dda_projections(model: nn.Module) -> int:
+    """Stack each DDA's query, key and value 1x1 convolutions into one (``DDA.qkv_weight``/``qkv_bias``,
+    non-persistent buffers); returns the count."""
+    stacked = 0
+    for module in model.modules():
+        if isinstance(module, DDA) and all(m.bias is not None for m in (module.query, module.key, module.value)):
+            convs = (module.query, module.key, module.value)
+            module.qkv_weight = torch.cat([m.weight.detach() for m in convs])
+            module.qkv_bias = torch.cat([m.bias.detach() for m in convs])
+            stacked += 1
+    return stacked
 
 
 def optimize_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Every inference rewrite: :func:`fold_batchnorm`, the classifier applied before the final upsampling
-    (``ECMNet.classify_before_upsample``: linear maps commute) and the depthwise pairs packed for the compiled
-    kernel (:func:`pack_depthwise_pairs`). Same function up to float rounding; eval mode."""
+    (``ECMNet.classify_before_upsample``: linear maps commute), the parameter blocks of the compiled EDAB kernels
+    (:func:`pack_depthwise_pairs`, :func:`pack_bn_prelu`) and DDA's projections as one convolution
+    (:func:`stack_dda_projections`). Same function up to float rounding; eval mode."""
     model = fold_batchnorm(model, inplace=inplace)
     pack_depthwise_pairs(model)
     pack_bn_prelu(model)
+    stack_dda_projections(model)
     if hasattr(model, "classify_before_upsample"):
         model.classify_before_upsample = True
     return model
 
 
-__all__ = ["fold_batchnorm", "optimize_for_inference", "pack_bn_prelu", "pack_depthwise_pairs"]
+__all__ = ["fold_batchnorm", "optimize_for_inference", "pack_bn_prelu", "pack_depthwise_pairs", "stack_dda_projections"]

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ecmnet_core.ops import cbuild
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 SOURCE = Path(__file__).resolve().parent / "csrc" / "axial_attention_cpu.cpp"
 CACHE_NAME = "attention_cpu"
 
@@ -29,11 +29,13 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 _ARGTYPES = [_P] * 4 + [_I64] * 5 + [ctypes.c_float, _INT]
+_STRIDED_ARGTYPES = [_P] * 4 + [_I64] * 7 + [ctypes.c_float, _INT]
 _ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
 
 
 _open = cbuild.abi_opener("ecmnet_attn_abi_version", ABI_VERSION, {
-    "ecmnet_axial_attention": (_ARGTYPES, _INT), "ecmnet_attn_lanes": (None, _INT)})
+    "ecmnet_axial_attention": (_ARGTYPES, _INT), "ecmnet_attn_lanes": (None, _INT),
+    "ecmnet_axial_attention_strided": (_STRIDED_ARGTYPES, _INT)})
 
 
 #: :class:`cbuild.LibraryLoader` for this kernel: ``LibraryLoader(cache=..., native=...)`` overrides any default.
@@ -112,8 +114,31 @@ def axial_attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
     return out.permute(0, 3, 1, 2)
 
 
-__all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "axial_attention_cpu", "build_info", "is_available",
-           "load_library"]
+def axial_attention_qkv_cpu(qkv: Tensor, dk: int, scale: float) -> Tensor:
+    """:func:`axial_attention_cpu` on q, k, v stacked along the channels of one channels-last tensor (DDA's three
+    1x1 convolutions as one): qkv (B, 2 dk + C, H, W), read in place -> (B, C, H, W) channels_last."""
+    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or qkv.dim() != 4:
+        raise ValueError(f"axial attention: qkv must be a (B, 2 dk + C, H, W) float32 CPU tensor, got {qkv.dtype} "
+                         f"{tuple(qkv.shape)} on {qkv.device}")
+    b, total, h, w = qkv.shape
+    c = total - 2 * dk
+    if dk < 1 or c < 1:
+        raise ValueError(f"axial attention: qkv has {total} channels, too few for dk={dk} and at least one value")
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"compiled CPU axial attention unavailable: {_LOADER.error}")
+    base = _channels_last(qkv)  # a view for channels_last input
+    ptr, f = base.data_ptr(), base.element_size()
+    out = torch.empty(b, h, w, c, dtype=torch.float32)
+    code = lib.ecmnet_axial_attention_strided(ptr, ptr + dk * f, ptr + 2 * dk * f, out.data_ptr(), b, dk, c, h, w,
+                                              total, total, float(scale), _threads())
+    if code != 0:
+        raise RuntimeError(f"axial attention kernel failed: {_ERRORS.get(code, f'error code {code}')}")
+    return out.permute(0, 3, 1, 2)
+
+
+__all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "axial_attention_cpu", "axial_attention_qkv_cpu", "build_info",
+           "is_available", "load_library"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,3 +155,15 @@ def axial_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     b, c, h, w = v.shape
     return v.new_empty(b, h, w, c).permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("ecmnet::axial_attention_qkv_cpu", mutates_args=())
+def axial_attention_qkv_op(qkv: Tensor, dk: int, scale: float) -> Tensor:
+    """:func:`axial_attention_qkv_cpu` as ``torch.ops.ecmnet.axial_attention_qkv_cpu`` (no autograd)."""
+    return axial_attention_qkv_cpu(qkv, dk, scale)
+
+
+@axial_attention_qkv_op.register_fake
+def _(qkv: Tensor, dk: int, scale: float) -> Tensor:
+    b, total, h, w = qkv.shape
+    return qkv.new_empty(b, h, w, total - 2 * dk).permute(0, 3, 1, 2)

@@ -41,7 +41,7 @@ namespace {
 
 using namespace ecmnet_simd;  // VL (key lanes), vf, vi, splat, vexp2, LOG2E, FlushDenormals
 
-constexpr int ABI_VERSION = 1;
+constexpr int ABI_VERSION = 2;
 
 constexpr i64 CV = 8;  // channel lanes: DDA's channel counts are multiples of 8 (8..64), so no lane is wasted
 constexpr i64 QB = 4;  // queries per block: each loaded key / value vector is used QB times
@@ -104,6 +104,7 @@ struct Problem {
     float* out;
     i64 batch, dk, c, h, w;
     float alpha;  // scale * log2(e): scores come out in log2 units, ready for exp2
+    i64 ldqk, ldv;  // floats from one pixel's q (k) / v to the next's: dk / c, or more for slices of one tensor
 
     i64 cp() const { return (c + CV - 1) / CV * CV; }
 };
@@ -145,9 +146,9 @@ inline void weighted_sum(const float* p, i64 sp, const float* vb, i64 cp, i64 cb
 }
 
 // Attention along one sequence of length s: element t of q/k starts at q0 + t * sq (dk floats), of v at
-// v0 + t * sv and of out at o0 + t * sv (c floats). add: accumulate into out (second phase) instead of storing.
+// v0 + t * sv and of out at o0 + t * so (c floats). add: accumulate into out (second phase) instead of storing.
 void sequence(const Problem& pr, Workspace& ws, const float* q0, const float* k0, const float* v0, float* o0, i64 s,
-              i64 sq, i64 sv, bool add) {
+              i64 sq, i64 sv, i64 so, bool add) {
     const i64 dk = pr.dk, c = pr.c, cp = pr.cp(), sp = (s + VL - 1) / VL * VL;
     float* qs = ws.qs.data();
     float* kt = ws.kt.data();
@@ -222,7 +223,7 @@ void sequence(const Problem& pr, Workspace& ws, const float* q0, const float* k0
                 default: weighted_sum<4>(p, sp, vb, cp, cb, s, acc); break;
             }
             for (i64 qi = 0; qi < nq; ++qi) {
-                float* dst = o0 + (i0 + qi) * sv + cb;
+                float* dst = o0 + (i0 + qi) * so + cb;
                 const i64 n_ch = std::min<i64>(nv * CV, c - cb);
                 if (n_ch == nv * CV) {
                     for (int n = 0; n < nv; ++n) {
@@ -243,15 +244,15 @@ void sequence(const Problem& pr, Workspace& ws, const float* q0, const float* k0
 // Phase 0: row (b, i), along the width; phase 1: column (b, j), along the height.
 void row_task(const Problem& pr, Workspace& ws, i64 task) {
     const i64 base = task * pr.w;  // (b * h + i) * w
-    sequence(pr, ws, pr.q + base * pr.dk, pr.k + base * pr.dk, pr.v + base * pr.c, pr.out + base * pr.c, pr.w,
-             pr.dk, pr.c, false);
+    sequence(pr, ws, pr.q + base * pr.ldqk, pr.k + base * pr.ldqk, pr.v + base * pr.ldv, pr.out + base * pr.c, pr.w,
+             pr.ldqk, pr.ldv, pr.c, false);
 }
 
 void column_task(const Problem& pr, Workspace& ws, i64 task) {
     const i64 b = task / pr.w, j = task % pr.w;
     const i64 base = b * pr.h * pr.w + j;
-    sequence(pr, ws, pr.q + base * pr.dk, pr.k + base * pr.dk, pr.v + base * pr.c, pr.out + base * pr.c, pr.h,
-             pr.w * pr.dk, pr.w * pr.c, true);
+    sequence(pr, ws, pr.q + base * pr.ldqk, pr.k + base * pr.ldqk, pr.v + base * pr.ldv, pr.out + base * pr.c, pr.h,
+             pr.w * pr.ldqk, pr.w * pr.ldv, pr.w * pr.c, true);
 }
 
 int run(const Problem& pr, int threads) {
@@ -304,6 +305,10 @@ int run(const Problem& pr, int threads) {
 
 extern "C" {
 
+int ecmnet_axial_attention_strided(const float* q, const float* k, const float* v, float* out, int64_t batch,
+                                   int64_t dk, int64_t c, int64_t h, int64_t w, int64_t ldqk, int64_t ldv,
+                                   float scale, int threads);
+
 int ecmnet_attn_abi_version() {
     return ABI_VERSION;
 }
@@ -318,10 +323,18 @@ int ecmnet_attn_lanes() {
 // threads: at most this many threads (fewer for small problems); < 1 counts as 1.
 int ecmnet_axial_attention(const float* q, const float* k, const float* v, float* out, int64_t batch, int64_t dk,
                            int64_t c, int64_t h, int64_t w, float scale, int threads) {
-    if (batch < 0 || h < 0 || w < 0 || dk < 1 || c < 1) return 1;
+    return ecmnet_axial_attention_strided(q, k, v, out, batch, dk, c, h, w, dk, c, scale, threads);
+}
+
+// The same with pixel strides: pixel p's q (k) starts at q + p * ldqk (k + p * ldqk), its v at v + p * ldv
+// (ldqk >= dk, ldv >= c), e.g. q, k, v as channel slices of one channels-last (B, 2 dk + c, H, W) tensor.
+int ecmnet_axial_attention_strided(const float* q, const float* k, const float* v, float* out, int64_t batch,
+                                   int64_t dk, int64_t c, int64_t h, int64_t w, int64_t ldqk, int64_t ldv,
+                                   float scale, int threads) {
+    if (batch < 0 || h < 0 || w < 0 || dk < 1 || c < 1 || ldqk < dk || ldv < c) return 1;
     if (batch == 0 || h == 0 || w == 0) return 0;
     if (!q || !k || !v || !out) return 2;
-    const Problem pr{q, k, v, out, batch, dk, c, h, w, scale * LOG2E};
+    const Problem pr{q, k, v, out, batch, dk, c, h, w, scale * LOG2E, ldqk, ldv};
     return run(pr, threads);
 }
 
