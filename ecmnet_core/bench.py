@@ -305,6 +305,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", action="store_true",
                         help="time training steps (baseline vs default path, in rounds) at --size and --batch, "
                              "and the data pipeline")
+    parser.add_argument("--profile", nargs="?", const="torch", default=None, metavar="PATH",
+                        help="per-operator and per-kind time of one inference path (default torch) at --sizes")
+    parser.add_argument("--top", type=int, default=25, help="--profile: operators listed per size (default 25)")
     parser.add_argument("--points", type=int, default=None, metavar="N",
                         help="time point painting of N LiDAR points (projection + label lookup) instead; "
                              "--size is the label image size (default 720 1280)")
@@ -340,7 +343,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "torch-fp16, torch-bf16, torch-fp16-graphs) against eager fp32 at --sizes; no names = "
                              "the device's defaults")
     parser.add_argument("--sizes", nargs="+", default=None, metavar="HxW",
-                        help="--paths: input sizes (default 360x480 512x1024 1024x2048)")
+                        help="--paths, --profile: input sizes (--paths default 360x480 512x1024 1024x2048; "
+                             "--profile default --size)")
     parser.add_argument("--checkpoint", default=None,
                         help="--paths: checkpoint to run (default the packaged CamVid model; --random for untrained)")
     parser.add_argument("--random", action="store_true", help="--paths: random weights of --model instead")
@@ -423,6 +427,16 @@ def run(args: argparse.Namespace) -> int:
                                     runs=50 if args.runs is None else args.runs,
                                     warmup=5 if args.warmup is None else args.warmup)
             text = format_painting
+        elif args.profile is not None:
+            from ecmnet_core.bench_paths import parse_size
+            from ecmnet_core.bench_profile import ProfileConfig, format_profile, profile_path
+
+            sizes = tuple(parse_size(v) for v in args.sizes) if args.sizes else (size,)
+            result = profile_path(ProfileConfig(path=args.profile, sizes=sizes, checkpoint=args.checkpoint,
+                                                model=args.model if args.random else None, classes=args.classes,
+                                                device=args.device, runs=10 if args.runs is None else args.runs,
+                                                warmup=3 if args.warmup is None else args.warmup, top=args.top))
+            text = format_profile
         elif args.train:
             from ecmnet_core.bench_train import TrainBenchConfig, bench_train, format_train
 

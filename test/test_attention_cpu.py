@@ -67,9 +67,11 @@ def test_both_memory_formats(lanes: int, channels_last: bool) -> None:
     check(q, k, v, 0.5)
 
 
-@pytest.mark.parametrize("c", [3, 13, 20, 40])
+@pytest.mark.parametrize("c", [3, 13, 16, 20, 24, 40, 48])
 def test_channel_counts_off_the_vector_width(lanes: int, c: int) -> None:
-    """Partial channel vectors (C not a multiple of 8) and partial channel blocks (C > 32)."""
+    """Partial channel vectors (C not a multiple of 8) and partial channel blocks, under both register blockings
+    of the AVX2 build (6 queries x 2 vectors for C <= 16 or > 32, 4 x 4 in between; sequence lengths 11 and
+    lanes + 1 leave partial query blocks)."""
     q, k, v = make_qkv(1, 3, c, 11, lanes + 1, seed=c)
     check(q, k, v, 0.6)
 

@@ -76,3 +76,34 @@ def test_bad_settings_name_the_option(tmp_path) -> None:
     with pytest.raises(SystemExit, match="bench: size 8x8"):
         main(["bench", "--paths", "--sizes", "8x8", "--random"])
     assert set(PATHS) >= {"eager", "torch", "torch-compile", "onnxruntime", "torch-fp16", "torch-fp16-graphs"}
+
+
+def test_profile_tables_account_for_the_kernels(capsys) -> None:
+    """``bench --profile`` on the default path lists the compiled kernels as operators, sorts the kinds of work by
+    time with shares that add up to 1, and splits convolutions by weight shape (1x1 / depthwise / other)."""
+    assert main(["bench", "--profile", "--random", "--sizes", "48x64", "--runs", "2", "--warmup", "1",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["mode"] == "profile" and r["path"] == "torch"
+    res = r["results"]["48x64"]
+    ops = {o["op"] for o in res["ops"]}
+    assert "ecmnet::axial_attention_qkv_cpu" in ops and "ecmnet::selective_scan_cpu" in ops
+    shares = [c["share"] for c in res["categories"]]
+    assert sum(shares) == pytest.approx(1.0) and shares == sorted(shares, reverse=True)
+    assert {"attention", "scan", "conv 1x1"} <= {c["category"] for c in res["categories"]}
+    assert res["wall_ms"] > 0 and res["self_ms_total"] > 0
+
+
+def test_conv_kinds_by_weight_shape() -> None:
+    from ecmnet_core.bench_profile import op_category
+
+    assert op_category("aten::mkldnn_convolution", [[1, 8, 9, 9], [16, 8, 1, 1]]) == "conv 1x1"
+    assert op_category("aten::mkldnn_convolution", [[1, 8, 9, 9], [8, 1, 3, 1]]) == "conv depthwise"
+    assert op_category("aten::_slow_conv2d_forward", [[1, 8, 9, 9], [8, 8, 3, 3]]) == "conv other"
+    assert op_category("ecmnet::dw_pair_cpu", []).startswith("EDAB kernels")
+    assert op_category("aten::_prelu_kernel", []) == "activation"
+
+
+def test_profile_refuses_an_unknown_path() -> None:
+    with pytest.raises(SystemExit, match="unknown path 'fast'"):
+        main(["bench", "--profile", "fast", "--random", "--sizes", "48x64"])
