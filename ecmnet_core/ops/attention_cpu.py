@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ecmnet_core.ops import cbuild
+from ecmnet_core.ops.op_registry import cpu_inference_op
 
 ABI_VERSION = 2
 SOURCE = Path(__file__).resolve().parent / "csrc" / "axial_attention_cpu.cpp"
@@ -69,8 +70,8 @@ def _threads() -> int:
 
 
 def _channels_last(t: Tensor) -> Tensor:
-    """(B, C, H, W) -> contiguous (B, H, W, C); a view, no copy, for channels_last (or single-channel) input."""
-    return t.permute(0, 2, 3, 1).contiguous()
+    """``t`` itself when its memory is already (B, H, W, C) (channels_last, or single-channel), else such a copy."""
+    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
 
 
 def axial_attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -106,12 +107,12 @@ def axial_attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
         raise RuntimeError(f"compiled CPU axial attention unavailable: {_LOADER.error}")
     # Keep references to the contiguous copies: the kernel reads through raw pointers.
     qc, kc, vc = _channels_last(q), _channels_last(k), _channels_last(v)
-    out = torch.empty(b, h, w, c, dtype=torch.float32)
+    out = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
     code = lib.ecmnet_axial_attention(qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), b, dk, c, h, w,
                                       float(scale), _threads())
     if code != 0:
         raise RuntimeError(f"axial attention kernel failed: {_ERRORS.get(code, f'error code {code}')}")
-    return out.permute(0, 3, 1, 2)
+    return out
 
 
 def axial_attention_qkv_cpu(qkv: Tensor, dk: int, scale: float) -> Tensor:
@@ -129,12 +130,12 @@ def axial_attention_qkv_cpu(qkv: Tensor, dk: int, scale: float) -> Tensor:
         raise RuntimeError(f"compiled CPU axial attention unavailable: {_LOADER.error}")
     base = _channels_last(qkv)  # a view for channels_last input
     ptr, f = base.data_ptr(), base.element_size()
-    out = torch.empty(b, h, w, c, dtype=torch.float32)
+    out = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
     code = lib.ecmnet_axial_attention_strided(ptr, ptr + dk * f, ptr + 2 * dk * f, out.data_ptr(), b, dk, c, h, w,
                                               total, total, float(scale), _threads())
     if code != 0:
         raise RuntimeError(f"axial attention kernel failed: {_ERRORS.get(code, f'error code {code}')}")
-    return out.permute(0, 3, 1, 2)
+    return out
 
 
 __all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "axial_attention_cpu", "axial_attention_qkv_cpu", "build_info",
@@ -142,28 +143,22 @@ __all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "axial_attention_cpu", "axi
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# torch custom op: lets torch.compile keep the kernel inside its graph (an opaque call) instead of breaking the graph
+# torch operators: traces and torch.compile keep the kernel as one opaque call (:mod:`ecmnet_core.ops.op_registry`)
 
 
-@torch.library.custom_op("ecmnet::axial_attention_cpu", mutates_args=())
+def _fake_out(b: int, c: int, h: int, w: int, like: Tensor) -> Tensor:
+    return torch.empty((b, c, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+@cpu_inference_op("axial_attention_cpu", "(Tensor q, Tensor k, Tensor v, float scale) -> Tensor",
+                  lambda q, k, v, scale: _fake_out(v.shape[0], v.shape[1], *v.shape[2:], like=v))
 def axial_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """:func:`axial_attention_cpu` as ``torch.ops.ecmnet.axial_attention_cpu`` (no autograd)."""
     return axial_attention_cpu(q, k, v, scale)
 
 
-@axial_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    b, c, h, w = v.shape
-    return v.new_empty(b, h, w, c).permute(0, 3, 1, 2)
-
-
-@torch.library.custom_op("ecmnet::axial_attention_qkv_cpu", mutates_args=())
+@cpu_inference_op("axial_attention_qkv_cpu", "(Tensor qkv, int dk, float scale) -> Tensor",
+                  lambda qkv, dk, scale: _fake_out(qkv.shape[0], qkv.shape[1] - 2 * dk, *qkv.shape[2:], like=qkv))
 def axial_attention_qkv_op(qkv: Tensor, dk: int, scale: float) -> Tensor:
     """:func:`axial_attention_qkv_cpu` as ``torch.ops.ecmnet.axial_attention_qkv_cpu`` (no autograd)."""
     return axial_attention_qkv_cpu(qkv, dk, scale)
-
-
-@axial_attention_qkv_op.register_fake
-def _(qkv: Tensor, dk: int, scale: float) -> Tensor:
-    b, total, h, w = qkv.shape
-    return qkv.new_empty(b, h, w, total - 2 * dk).permute(0, 3, 1, 2)

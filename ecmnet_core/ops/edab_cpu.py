@@ -12,7 +12,8 @@ whole feature map:
 Batch norms must be folded or packed beforehand (:func:`ecmnet_core.model.fuse.optimize_for_inference`). Built on
 first use and cached like the other kernels (:mod:`ecmnet_core.ops.cbuild`, cache directory ``edab_cpu``); without a
 compiler :func:`is_available` is False and the model runs its PyTorch layers. Each is also a torch custom op
-(``torch.ops.ecmnet.*``), so TorchScript traces and ``torch.compile`` keep it as one call.
+(``torch.ops.ecmnet.*``, :mod:`ecmnet_core.ops.op_registry`), so TorchScript traces and ``torch.compile`` keep it
+as one call.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ecmnet_core.ops import cbuild
+from ecmnet_core.ops.op_registry import cpu_inference_op
 
 ABI_VERSION = 1
 SOURCE = Path(__file__).resolve().parent / "csrc" / "edab_cpu.cpp"
@@ -100,22 +102,28 @@ def dw_pair_cpu(x: Tensor, params: Tensor, d1: int, d2: int, want_mean: bool = F
         raise ValueError(f"dw_pair_cpu: params must be a contiguous float32 (10, {c}) tensor from pack_params, got "
                          f"{params.dtype} {tuple(params.shape)}")
     lib = _library()
-    xc = x.permute(0, 2, 3, 1).contiguous()  # a view for channels_last input
-    out = torch.empty(b, h, w, c, dtype=torch.float32)
+    xc = _channels_last(x)
+    out = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
     sums = torch.zeros(b, c, dtype=torch.float32)
     code = lib.ecmnet_dw_pair(xc.data_ptr(), out.data_ptr(), sums.data_ptr() if want_mean else None,
                               b, h, w, c, params.data_ptr(), int(d1), int(d2), torch.get_num_threads())
     _check(code, "depthwise pair")
-    return out.permute(0, 3, 1, 2), sums.div_(float(h * w))
+    return out, sums.div_(float(h * w)) if want_mean else sums
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    """``t`` itself when its memory is already (B, H, W, C), else a channels-last copy (the kernels read raw
+    pointers; keep a reference to the result while they run)."""
+    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
 
 
 def _nhwc(t: Tensor, name: str, like: Tensor | None = None) -> Tensor:
-    """(B, C, H, W) fp32 CPU -> contiguous (B, H, W, C) memory (a view for channels_last input)."""
+    """A checked (B, C, H, W) fp32 CPU tensor in channels-last memory (itself when it already is)."""
     if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4:
         raise ValueError(f"{name} must be a (B, C, H, W) float32 CPU tensor, got {t.dtype} {tuple(t.shape)}")
     if like is not None and t.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
-    return t.permute(0, 2, 3, 1).contiguous()
+    return _channels_last(t)
 
 
 def _library() -> ctypes.CDLL:
@@ -148,21 +156,21 @@ def edab_merge_cpu(f: Tensor, t1: Tensor, e: Tensor, t2: Tensor, att: Tensor, ga
     ec = e.detach().float().reshape(b, c).contiguous()
     if params.shape != (3, c) or params.dtype != torch.float32 or not params.is_contiguous():
         raise ValueError(f"edab_merge: params must be a contiguous float32 (3, {c}) tensor, got {tuple(params.shape)}")
-    y = torch.empty(b, h, w, c, dtype=torch.float32)
+    y = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
     _check(_library().ecmnet_edab_merge(fc.data_ptr(), t1c.data_ptr(), ec.data_ptr(), t2c.data_ptr(), ac.data_ptr(),
                                         float(gamma), y.data_ptr(), b, h * w, c, params.data_ptr(),
                                         torch.get_num_threads()), "EDAB merge")
-    return y.permute(0, 3, 1, 2)
+    return y
 
 
 def add_shuffle_cpu(u: Tensor, v: Tensor, groups: int) -> Tensor:
     """``channel_shuffle(u + v, groups)`` in one pass: (B, C, H, W) -> (B, C, H, W) channels_last."""
     uc, vc = _nhwc(u, "u"), _nhwc(v, "v", u)
     b, c, h, w = u.shape
-    z = torch.empty(b, h, w, c, dtype=torch.float32)
+    z = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
     _check(_library().ecmnet_add_shuffle(uc.data_ptr(), vc.data_ptr(), z.data_ptr(), b * h * w, c, int(groups),
                                          torch.get_num_threads()), "add + channel shuffle")
-    return z.permute(0, 3, 1, 2)
+    return z
 
 
 def affine_prelu_cpu(x: Tensor, params: Tensor) -> Tensor:
@@ -172,59 +180,45 @@ def affine_prelu_cpu(x: Tensor, params: Tensor) -> Tensor:
     b, c, h, w = x.shape
     if params.shape != (3, c) or params.dtype != torch.float32 or not params.is_contiguous():
         raise ValueError(f"bn_prelu: params must be a contiguous float32 (3, {c}) tensor, got {tuple(params.shape)}")
-    y = torch.empty(b, h, w, c, dtype=torch.float32)
+    y = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
     _check(_library().ecmnet_affine_prelu(xc.data_ptr(), y.data_ptr(), b * h * w, c, params.data_ptr(),
                                           torch.get_num_threads()), "BatchNorm + PReLU")
-    return y.permute(0, 3, 1, 2)
+    return y
 
 
-@torch.library.custom_op("ecmnet::affine_prelu_cpu", mutates_args=())
+def _like_nhwc(b: int, c: int, h: int, w: int, like: Tensor) -> Tensor:
+    """An empty channels-last (B, C, H, W) tensor beside ``like`` (what the fake kernels return)."""
+    return torch.empty((b, c, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+@cpu_inference_op("affine_prelu_cpu", "(Tensor x, Tensor params) -> Tensor",
+                  lambda x, params: _like_nhwc(*x.shape, like=x))
 def affine_prelu_op(x: Tensor, params: Tensor) -> Tensor:
     """:func:`affine_prelu_cpu` as ``torch.ops.ecmnet.affine_prelu_cpu`` (no autograd)."""
     return affine_prelu_cpu(x, params)
 
 
-@affine_prelu_op.register_fake
-def _(x, params):
-    b, c, h, w = x.shape
-    return x.new_empty(b, h, w, c).permute(0, 3, 1, 2)
-
-
-@torch.library.custom_op("ecmnet::edab_merge_cpu", mutates_args=())
+@cpu_inference_op("edab_merge_cpu",
+                  "(Tensor f, Tensor t1, Tensor e, Tensor t2, Tensor att, Tensor gamma, Tensor params) -> Tensor",
+                  lambda f, t1, e, t2, att, gamma, params: _like_nhwc(*f.shape, like=f))
 def edab_merge_op(f: Tensor, t1: Tensor, e: Tensor, t2: Tensor, att: Tensor, gamma: Tensor, params: Tensor
                   ) -> Tensor:
     """:func:`edab_merge_cpu` as ``torch.ops.ecmnet.edab_merge_cpu`` (no autograd)."""
     return edab_merge_cpu(f, t1, e, t2, att, gamma, params)
 
 
-@edab_merge_op.register_fake
-def _(f, t1, e, t2, att, gamma, params):
-    b, c, h, w = f.shape
-    return f.new_empty(b, h, w, c).permute(0, 3, 1, 2)
-
-
-@torch.library.custom_op("ecmnet::add_shuffle_cpu", mutates_args=())
+@cpu_inference_op("add_shuffle_cpu", "(Tensor u, Tensor v, int groups) -> Tensor",
+                  lambda u, v, groups: _like_nhwc(*u.shape, like=u))
 def add_shuffle_op(u: Tensor, v: Tensor, groups: int) -> Tensor:
     """:func:`add_shuffle_cpu` as ``torch.ops.ecmnet.add_shuffle_cpu`` (no autograd)."""
     return add_shuffle_cpu(u, v, groups)
 
 
-@add_shuffle_op.register_fake
-def _(u, v, groups):
-    b, c, h, w = u.shape
-    return u.new_empty(b, h, w, c).permute(0, 3, 1, 2)
-
-
-@torch.library.custom_op("ecmnet::dw_pair_cpu", mutates_args=())
+@cpu_inference_op("dw_pair_cpu", "(Tensor x, Tensor params, int d1, int d2, bool want_mean) -> (Tensor, Tensor)",
+                  lambda x, params, d1, d2, want_mean: (_like_nhwc(*x.shape, like=x), x.new_empty(x.shape[:2])))
 def dw_pair_op(x: Tensor, params: Tensor, d1: int, d2: int, want_mean: bool) -> tuple[Tensor, Tensor]:
     """:func:`dw_pair_cpu` as ``torch.ops.ecmnet.dw_pair_cpu`` (recorded as one op by traces; no autograd)."""
     return dw_pair_cpu(x, params, d1, d2, want_mean)
-
-
-@dw_pair_op.register_fake
-def _(x, params, d1, d2, want_mean):
-    b, c, h, w = x.shape
-    return x.new_empty(b, h, w, c).permute(0, 3, 1, 2), x.new_empty(b, c)
 
 
 __all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "add_shuffle_cpu", "add_shuffle_op", "affine_prelu_cpu",
