@@ -151,6 +151,15 @@ def _labels(runner, x: Tensor) -> np.ndarray:
     return runner.logits(x).argmax(1).to(torch.uint8).cpu().numpy()
 
 
+def bench_checkpoint(checkpoint: str | None, model: str | None, classes: int) -> tuple[Checkpoint, str, str]:
+    """(checkpoint, its hash, where it came from): random weights of ``model`` when no checkpoint is given, else
+    ``checkpoint`` or the packaged model."""
+    if model and not checkpoint:
+        return random_checkpoint(model, classes), random_checkpoint_hash(model, classes), f"random weights ({model})"
+    path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    return load_checkpoint(checkpoint), file_sha256(path), str(path)
+
+
 def bench_paths(cfg: PathsBenchConfig) -> dict:
     """Time every path at every size (and optionally check label agreement); returns a JSON-ready dict."""
     device = resolve_device(cfg.device)
@@ -168,13 +177,7 @@ def bench_paths(cfg: PathsBenchConfig) -> dict:
     for h, w in cfg.sizes:
         if min(h, w) < 16:
             raise ValueError(f"size {h}x{w}: both sides must be >= 16")
-    if cfg.model and not cfg.checkpoint:
-        ckpt, ckpt_hash = random_checkpoint(cfg.model, cfg.classes), random_checkpoint_hash(cfg.model, cfg.classes)
-        source = f"random weights ({cfg.model})"
-    else:
-        ckpt = load_checkpoint(cfg.checkpoint)
-        path = Path(cfg.checkpoint) if cfg.checkpoint else DEFAULT_CHECKPOINT
-        ckpt_hash, source = file_sha256(path), str(path)
+    ckpt, ckpt_hash, source = bench_checkpoint(cfg.checkpoint, cfg.model, cfg.classes)
     say = cfg.progress or (lambda _msg: None)
     load_before = environment(device)["load_avg_1min"]
     results: dict[str, dict[str, dict]] = {}

@@ -20,12 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ecmnet_core.bench_paths import PATHS, build_path
+from ecmnet_core.bench_paths import PATHS, bench_checkpoint, build_path
 from ecmnet_core.benchmarking import environment, resolve_device
-from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, file_sha256, load_checkpoint
-from ecmnet_core.inference import random_checkpoint, random_checkpoint_hash
-
-CONV_OPS = ("conv", "convolution")
 
 
 @dataclass
@@ -45,7 +41,7 @@ def _conv_kind(shapes: list) -> str:
     """1x1, depthwise or other from a convolution's input shapes (input, weight, ...)."""
     if len(shapes) < 2 or len(shapes[1]) != 4:
         return "conv other"
-    out_ch, in_per_group, kh, kw = shapes[1]
+    _, in_per_group, kh, kw = shapes[1]
     if kh == 1 and kw == 1:
         return "conv 1x1"
     if in_per_group == 1:
@@ -62,7 +58,7 @@ def op_category(name: str, shapes: list) -> str:
         if "scan" in low:
             return "scan"
         return "EDAB kernels (depthwise pair, merge, shuffle, BN+PReLU)"
-    if any(k in low for k in CONV_OPS):
+    if "conv" in low:  # aten::mkldnn_convolution, _slow_conv2d_forward, thnn_conv2d, ...
         return _conv_kind(shapes)
     if any(k in low for k in ("bmm", "matmul", "softmax", "baddbmm")):
         return "attention"
@@ -82,13 +78,7 @@ def profile_path(cfg: ProfileConfig) -> dict:
     if cfg.path not in PATHS:
         raise ValueError(f"--profile: unknown path {cfg.path!r}; choose from {', '.join(PATHS)}")
     device = resolve_device(cfg.device)
-    if cfg.model and not cfg.checkpoint:
-        ckpt, ckpt_hash = random_checkpoint(cfg.model, cfg.classes), random_checkpoint_hash(cfg.model, cfg.classes)
-        source = f"random weights ({cfg.model})"
-    else:
-        ckpt = load_checkpoint(cfg.checkpoint)
-        path = cfg.checkpoint or str(DEFAULT_CHECKPOINT)
-        ckpt_hash, source = file_sha256(path), path
+    ckpt, ckpt_hash, source = bench_checkpoint(cfg.checkpoint, cfg.model, cfg.classes)
     results = {}
     for size in cfg.sizes:
         runner = build_path(cfg.path, ckpt, device, size, ckpt_hash)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ecmnet_core.ops import cbuild
-from ecmnet_core.ops.op_registry import cpu_inference_op
+from ecmnet_core.ops.op_registry import cpu_inference_op, empty_nhwc, nhwc_memory
 
 ABI_VERSION = 2
 SOURCE = Path(__file__).resolve().parent / "csrc" / "axial_attention_cpu.cpp"
@@ -69,11 +69,6 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _channels_last(t: Tensor) -> Tensor:
-    """``t`` itself when its memory is already (B, H, W, C) (channels_last, or single-channel), else such a copy."""
-    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
-
-
 def axial_attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """DDA's attention, O_h + O_w, with the compiled kernel; no autograd (the result has no gradient).
 
@@ -106,8 +101,8 @@ def axial_attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
     if lib is None:
         raise RuntimeError(f"compiled CPU axial attention unavailable: {_LOADER.error}")
     # Keep references to the contiguous copies: the kernel reads through raw pointers.
-    qc, kc, vc = _channels_last(q), _channels_last(k), _channels_last(v)
-    out = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    qc, kc, vc = nhwc_memory(q), nhwc_memory(k), nhwc_memory(v)
+    out = empty_nhwc(b, c, h, w, like=v)
     code = lib.ecmnet_axial_attention(qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), b, dk, c, h, w,
                                       float(scale), _threads())
     if code != 0:
@@ -128,9 +123,9 @@ def axial_attention_qkv_cpu(qkv: Tensor, dk: int, scale: float) -> Tensor:
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"compiled CPU axial attention unavailable: {_LOADER.error}")
-    base = _channels_last(qkv)  # a view for channels_last input
+    base = nhwc_memory(qkv)  # a view for channels_last input
     ptr, f = base.data_ptr(), base.element_size()
-    out = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    out = empty_nhwc(b, c, h, w, like=qkv)
     code = lib.ecmnet_axial_attention_strided(ptr, ptr + dk * f, ptr + 2 * dk * f, out.data_ptr(), b, dk, c, h, w,
                                               total, total, float(scale), _threads())
     if code != 0:
@@ -146,19 +141,15 @@ __all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "axial_attention_cpu", "axi
 # torch operators: traces and torch.compile keep the kernel as one opaque call (:mod:`ecmnet_core.ops.op_registry`)
 
 
-def _fake_out(b: int, c: int, h: int, w: int, like: Tensor) -> Tensor:
-    return torch.empty((b, c, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
-
-
 @cpu_inference_op("axial_attention_cpu", "(Tensor q, Tensor k, Tensor v, float scale) -> Tensor",
-                  lambda q, k, v, scale: _fake_out(v.shape[0], v.shape[1], *v.shape[2:], like=v))
+                  lambda q, k, v, scale: empty_nhwc(*v.shape, like=v))
 def axial_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """:func:`axial_attention_cpu` as ``torch.ops.ecmnet.axial_attention_cpu`` (no autograd)."""
     return axial_attention_cpu(q, k, v, scale)
 
 
 @cpu_inference_op("axial_attention_qkv_cpu", "(Tensor qkv, int dk, float scale) -> Tensor",
-                  lambda qkv, dk, scale: _fake_out(qkv.shape[0], qkv.shape[1] - 2 * dk, *qkv.shape[2:], like=qkv))
+                  lambda qkv, dk, scale: empty_nhwc(qkv.shape[0], qkv.shape[1] - 2 * dk, *qkv.shape[2:], like=qkv))
 def axial_attention_qkv_op(qkv: Tensor, dk: int, scale: float) -> Tensor:
     """:func:`axial_attention_qkv_cpu` as ``torch.ops.ecmnet.axial_attention_qkv_cpu`` (no autograd)."""
     return axial_attention_qkv_cpu(qkv, dk, scale)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ecmnet_core.ops import cbuild
-from ecmnet_core.ops.op_registry import cpu_inference_op
+from ecmnet_core.ops.op_registry import cpu_inference_op, empty_nhwc, nhwc_memory
 
 ABI_VERSION = 1
 SOURCE = Path(__file__).resolve().parent / "csrc" / "edab_cpu.cpp"
@@ -102,19 +102,14 @@ def dw_pair_cpu(x: Tensor, params: Tensor, d1: int, d2: int, want_mean: bool = F
         raise ValueError(f"dw_pair_cpu: params must be a contiguous float32 (10, {c}) tensor from pack_params, got "
                          f"{params.dtype} {tuple(params.shape)}")
     lib = _library()
-    xc = _channels_last(x)
-    out = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    xc = nhwc_memory(x)
+    out = empty_nhwc(b, c, h, w, like=x)
     sums = torch.zeros(b, c, dtype=torch.float32)
     code = lib.ecmnet_dw_pair(xc.data_ptr(), out.data_ptr(), sums.data_ptr() if want_mean else None,
                               b, h, w, c, params.data_ptr(), int(d1), int(d2), torch.get_num_threads())
     _check(code, "depthwise pair")
     return out, sums.div_(float(h * w)) if want_mean else sums
 
-
-def _channels_last(t: Tensor) -> Tensor:
-    """``t`` itself when its memory is already (B, H, W, C), else a channels-last copy (the kernels read raw
-    pointers; keep a reference to the result while they run)."""
-    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
 
 
 def _nhwc(t: Tensor, name: str, like: Tensor | None = None) -> Tensor:
@@ -123,7 +118,7 @@ def _nhwc(t: Tensor, name: str, like: Tensor | None = None) -> Tensor:
         raise ValueError(f"{name} must be a (B, C, H, W) float32 CPU tensor, got {t.dtype} {tuple(t.shape)}")
     if like is not None and t.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
-    return _channels_last(t)
+    return nhwc_memory(t)
 
 
 def _library() -> ctypes.CDLL:
@@ -156,7 +151,7 @@ def edab_merge_cpu(f: Tensor, t1: Tensor, e: Tensor, t2: Tensor, att: Tensor, ga
     ec = e.detach().float().reshape(b, c).contiguous()
     if params.shape != (3, c) or params.dtype != torch.float32 or not params.is_contiguous():
         raise ValueError(f"edab_merge: params must be a contiguous float32 (3, {c}) tensor, got {tuple(params.shape)}")
-    y = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    y = empty_nhwc(b, c, h, w, like=f)
     _check(_library().ecmnet_edab_merge(fc.data_ptr(), t1c.data_ptr(), ec.data_ptr(), t2c.data_ptr(), ac.data_ptr(),
                                         float(gamma), y.data_ptr(), b, h * w, c, params.data_ptr(),
                                         torch.get_num_threads()), "EDAB merge")
@@ -167,7 +162,7 @@ def add_shuffle_cpu(u: Tensor, v: Tensor, groups: int) -> Tensor:
     """``channel_shuffle(u + v, groups)`` in one pass: (B, C, H, W) -> (B, C, H, W) channels_last."""
     uc, vc = _nhwc(u, "u"), _nhwc(v, "v", u)
     b, c, h, w = u.shape
-    z = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    z = empty_nhwc(b, c, h, w, like=u)
     _check(_library().ecmnet_add_shuffle(uc.data_ptr(), vc.data_ptr(), z.data_ptr(), b * h * w, c, int(groups),
                                          torch.get_num_threads()), "add + channel shuffle")
     return z
@@ -180,19 +175,15 @@ def affine_prelu_cpu(x: Tensor, params: Tensor) -> Tensor:
     b, c, h, w = x.shape
     if params.shape != (3, c) or params.dtype != torch.float32 or not params.is_contiguous():
         raise ValueError(f"bn_prelu: params must be a contiguous float32 (3, {c}) tensor, got {tuple(params.shape)}")
-    y = torch.empty((b, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    y = empty_nhwc(b, c, h, w, like=x)
     _check(_library().ecmnet_affine_prelu(xc.data_ptr(), y.data_ptr(), b * h * w, c, params.data_ptr(),
                                           torch.get_num_threads()), "BatchNorm + PReLU")
     return y
 
 
-def _like_nhwc(b: int, c: int, h: int, w: int, like: Tensor) -> Tensor:
-    """An empty channels-last (B, C, H, W) tensor beside ``like`` (what the fake kernels return)."""
-    return torch.empty((b, c, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
-
 
 @cpu_inference_op("affine_prelu_cpu", "(Tensor x, Tensor params) -> Tensor",
-                  lambda x, params: _like_nhwc(*x.shape, like=x))
+                  lambda x, params: empty_nhwc(*x.shape, like=x))
 def affine_prelu_op(x: Tensor, params: Tensor) -> Tensor:
     """:func:`affine_prelu_cpu` as ``torch.ops.ecmnet.affine_prelu_cpu`` (no autograd)."""
     return affine_prelu_cpu(x, params)
@@ -200,7 +191,7 @@ def affine_prelu_op(x: Tensor, params: Tensor) -> Tensor:
 
 @cpu_inference_op("edab_merge_cpu",
                   "(Tensor f, Tensor t1, Tensor e, Tensor t2, Tensor att, Tensor gamma, Tensor params) -> Tensor",
-                  lambda f, t1, e, t2, att, gamma, params: _like_nhwc(*f.shape, like=f))
+                  lambda f, t1, e, t2, att, gamma, params: empty_nhwc(*f.shape, like=f))
 def edab_merge_op(f: Tensor, t1: Tensor, e: Tensor, t2: Tensor, att: Tensor, gamma: Tensor, params: Tensor
                   ) -> Tensor:
     """:func:`edab_merge_cpu` as ``torch.ops.ecmnet.edab_merge_cpu`` (no autograd)."""
@@ -208,14 +199,14 @@ def edab_merge_op(f: Tensor, t1: Tensor, e: Tensor, t2: Tensor, att: Tensor, gam
 
 
 @cpu_inference_op("add_shuffle_cpu", "(Tensor u, Tensor v, int groups) -> Tensor",
-                  lambda u, v, groups: _like_nhwc(*u.shape, like=u))
+                  lambda u, v, groups: empty_nhwc(*u.shape, like=u))
 def add_shuffle_op(u: Tensor, v: Tensor, groups: int) -> Tensor:
     """:func:`add_shuffle_cpu` as ``torch.ops.ecmnet.add_shuffle_cpu`` (no autograd)."""
     return add_shuffle_cpu(u, v, groups)
 
 
 @cpu_inference_op("dw_pair_cpu", "(Tensor x, Tensor params, int d1, int d2, bool want_mean) -> (Tensor, Tensor)",
-                  lambda x, params, d1, d2, want_mean: (_like_nhwc(*x.shape, like=x), x.new_empty(x.shape[:2])))
+                  lambda x, params, d1, d2, want_mean: (empty_nhwc(*x.shape, like=x), x.new_empty(x.shape[:2])))
 def dw_pair_op(x: Tensor, params: Tensor, d1: int, d2: int, want_mean: bool) -> tuple[Tensor, Tensor]:
     """:func:`dw_pair_cpu` as ``torch.ops.ecmnet.dw_pair_cpu`` (recorded as one op by traces; no autograd)."""
     return dw_pair_cpu(x, params, d1, d2, want_mean)

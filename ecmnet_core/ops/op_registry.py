@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 NAMESPACE = "ecmnet"
 
@@ -35,4 +36,15 @@ def cpu_inference_op(name: str, schema: str, fake: Callable) -> Callable[[Callab
     return register
 
 
-__all__ = ["NAMESPACE", "cpu_inference_op"]
+def nhwc_memory(t: Tensor) -> Tensor:
+    """``t`` itself when its memory is already (B, H, W, C) (channels_last, or single-channel), else a channels-last
+    copy. The kernels read raw pointers: keep a reference to the result while they run."""
+    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
+
+
+def empty_nhwc(b: int, c: int, h: int, w: int, like: Tensor) -> Tensor:
+    """An empty channels-last (B, C, H, W) tensor with ``like``'s dtype and device (also what fake kernels return)."""
+    return torch.empty((b, c, h, w), dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+__all__ = ["NAMESPACE", "cpu_inference_op", "empty_nhwc", "nhwc_memory"]
