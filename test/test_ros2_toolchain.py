@@ -287,14 +287,17 @@ def test_launched_node_through_the_ros2_command_line(workspace: Workspace, param
 
             assert cam.wait_more("/tc/segmenter/labels", 2), log.read_text()
             # the type given: without a daemon, echo resolves an untyped topic from one early graph query, which a
-            # loaded machine can answer before discovery has caught up ("Could not determine the type")
-            labels = workspace.run("ros2 topic echo --once --no-arr /tc/segmenter/labels sensor_msgs/msg/Image",
+            # loaded machine can answer before discovery has caught up ("Could not determine the type");
+            # --no-lost-messages: a loaded machine drops frames, and echo would print a non-YAML report first
+            labels = workspace.run("ros2 topic echo --once --no-arr --no-lost-messages /tc/segmenter/labels "
+                                   "sensor_msgs/msg/Image",
                                    domain, timeout=90)
             assert labels.returncode == 0, labels.stderr
             fields = yaml.safe_load(labels.stdout.split("---")[0])
             assert (fields["height"], fields["width"], fields["encoding"]) == (*FRAME_HW, "mono8")
             assert fields["header"]["frame_id"] == "camera"
-            coverage = workspace.run("ros2 topic echo --once /tc/segmenter/coverage std_msgs/msg/Float32MultiArray",
+            coverage = workspace.run("ros2 topic echo --once --no-lost-messages /tc/segmenter/coverage "
+                                     "std_msgs/msg/Float32MultiArray",
                                      domain, timeout=90)
             assert coverage.returncode == 0, coverage.stderr
             doc = yaml.safe_load(coverage.stdout.split("---")[0])
