@@ -190,7 +190,8 @@ def test_autograd_keeps_torch_with_correct_gradients(lanes: int, monkeypatch) ->
 def test_no_grad_and_tracing_choices(lanes: int) -> None:
     q, k, v = make_qkv(1, 2, 8, 4, 5)
     q.requires_grad_(True)
-    assert resolve_backend(q, k, v) == "torch"  # grad enabled and an input requires grad
+    assert resolve_backend(q, k, v) == "cpp"  # with autograd: the training kernels (attention_train_cpu)
+    assert resolve_backend(q, k, v, backend="torch") == "torch"
     with torch.no_grad():
         assert resolve_backend(q, k, v) == "cpp"
     assert resolve_backend(q.detach(), k, v) == "cpp"  # nothing requires grad

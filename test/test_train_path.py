@@ -47,8 +47,12 @@ def _run(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> dict[str, to
     ((3, 24, 13, 17), True, 0.1),   # one shared PReLU weight (nn.PReLU() default)
     ((2, 40, 9, 11), False, None),  # cumulative running average
     ((1, 16, 1, 2), False, 0.1),    # two rows: the unbiased variance's n - 1
+    ((2, 13, 9, 7), False, 0.1),    # channels not a multiple of the vector width (AVX2 8, AVX-512 16 lanes)
+    ((2, 21, 40, 50), False, 0.1),  # enough work for a two-thread team (run with 2 threads below)
 ])
 def test_fused_bn_prelu_matches_float64_reference(shape, single, momentum, one_torch_thread):
+    if shape[2] * shape[3] >= 2000:
+        torch.set_num_threads(2)  # the fixture restores its thread count afterwards
     torch.manual_seed(0)
     ref = _random_bn_prelu(shape[1], single)
     ref[0].momentum = momentum
@@ -104,8 +108,8 @@ def test_default_path_gradients_agree_with_the_baseline(one_torch_thread):
                 p.fill_(0.5)
     x = torch.randn(2, 3, 64, 96)
     y = torch.randint(0, 6, (2, 64, 96))  # 5 = ignore
-    cl_torch = TrainPath("channels-last", channels_last=True, fused_bn_prelu=False, classify_before_upsample=False,
-                         scan_backend="torch")
+    cl_torch = TrainPath("channels-last", channels_last=True, fused_bn_prelu=False, fused_depthwise=False,
+                         classify_before_upsample=False, scan_backend="torch")
     loss64, g64 = _grads(copy.deepcopy(base).double(), train_path("baseline"), x.double(), y)
     runs = {name: _grads(copy.deepcopy(base), path, x, y)
             for name, path in (("baseline", train_path("baseline")), ("channels-last", cl_torch),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ecmnet_core.ops import bn_prelu_cpu, edab_cpu
+from ecmnet_core.ops import bn_prelu_cpu, depthwise_cpu, edab_cpu
 
 BN_EPS = 1e-3
 
@@ -53,13 +53,36 @@ class BNPReLU(nn.Sequential):
         return prelu(bn(x))
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with groups == channels (same parameters and state-dict keys).
+
+    ``fast``: with gradients on fp32 channels-last CPU tensors, a dilated or larger-than-3x3 kernel runs its backward
+    as a compiled kernel (:mod:`ecmnet_core.ops.depthwise_cpu`; oneDNN's is 10-30x slower there). Same function. A
+    plain attribute, not saved in checkpoints; the fast training path turns it on.
+    """
+
+    fast: bool = False
+
+    def __init__(self, channels: int, kernel: int | tuple[int, int], padding: int | tuple[int, int] = 0,
+                 dilation: int | tuple[int, int] = 1, bias: bool = True) -> None:
+        super().__init__(channels, channels, kernel, 1, padding, dilation, channels, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fast and torch.is_grad_enabled() and depthwise_cpu.fits(x, self):
+            return depthwise_cpu.depthwise_conv(x, self)
+        return super().forward(x)
+
+
 class ConvBNPReLU(nn.Sequential):
-    """Bias-free conv, optionally followed by BNPReLU (LETNet's ``Conv`` with ``bn_acti``)."""
+    """Bias-free conv, optionally followed by BNPReLU (LETNet's ``Conv`` with ``bn_acti``). A depthwise conv
+    (groups == c_in == c_out, stride 1) is a :class:`DepthwiseConv2d`."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int], stride: int = 1,
                  padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, groups: int = 1,
                  bn_acti: bool = True, bias: bool = False) -> None:
-        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups, bias=bias)]
+        conv = (DepthwiseConv2d(c_in, kernel, padding, dilation, bias=bias) if groups == c_in == c_out and stride == 1
+                else nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups, bias=bias))
+        layers: list[nn.Module] = [conv]
         if bn_acti:
             layers.append(BNPReLU(c_out))
         super().__init__(*layers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ecmnet_core.model.layers import DepthwiseConv2d
+
 
 class MSAU(nn.Module):
     """Spatial branch x channel branch, plus the input.
@@ -19,10 +21,10 @@ class MSAU(nn.Module):
         super().__init__()
         h = channels // 2
         self.reduce = nn.Conv2d(channels, h, 1)
-        self.dw3 = nn.Conv2d(h, h, 3, padding=1, groups=h)
-        self.dw5 = nn.Conv2d(h, h, 5, padding=2, groups=h)
-        self.dw7 = nn.Conv2d(h, h, 7, padding=3, groups=h)
-        self.spatial_dw = nn.Conv2d(h, h, 7, padding=3, groups=h)
+        self.dw3 = DepthwiseConv2d(h, 3, padding=1)
+        self.dw5 = DepthwiseConv2d(h, 5, padding=2)
+        self.dw7 = DepthwiseConv2d(h, 7, padding=3)
+        self.spatial_dw = DepthwiseConv2d(h, 7, padding=3)
         self.spatial_pw = nn.Conv2d(h, h, 1)
         self.expand = nn.Conv2d(h, channels, 1)
         self.channel_conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)

@@ -22,7 +22,7 @@ from torch import Tensor
 from ecmnet_core.ops import cbuild
 from ecmnet_core.ops.op_registry import cpu_inference_op, empty_nhwc, nhwc_memory
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 SOURCE = Path(__file__).resolve().parent / "csrc" / "axial_attention_cpu.cpp"
 CACHE_NAME = "attention_cpu"
 
@@ -36,7 +36,8 @@ _ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
 
 _open = cbuild.abi_opener("ecmnet_attn_abi_version", ABI_VERSION, {
     "ecmnet_axial_attention": (_ARGTYPES, _INT), "ecmnet_attn_lanes": (None, _INT),
-    "ecmnet_axial_attention_strided": (_STRIDED_ARGTYPES, _INT)})
+    "ecmnet_axial_attention_strided": (_STRIDED_ARGTYPES, _INT),
+    "ecmnet_axial_attention_lse": ([_P] * 5 + [_I64] * 5 + [ctypes.c_float, _INT], _INT)})
 
 
 #: :class:`cbuild.LibraryLoader` for this kernel: ``LibraryLoader(cache=..., native=...)`` overrides any default.

@@ -9,15 +9,17 @@ Semantics, with q, k (B, dk, H, W) and v (B, C, H, W)::
 Backends:
 
 * ``torch``: batched matmuls and softmax; differentiable, any device and dtype, traceable and ONNX-exportable.
-* ``cpp``: the compiled CPU kernel (:mod:`ecmnet_core.ops.attention_cpu`); fp32 CPU tensors, no autograd.
+* ``cpp``: the compiled CPU kernels, fp32 CPU tensors: without autograd the inference kernel
+  (:mod:`ecmnet_core.ops.attention_cpu`), with autograd its forward plus a compiled backward
+  (:mod:`ecmnet_core.ops.attention_train_cpu`).
 
 Choice: the ``backend`` argument (DDA passes its ``backend`` attribute), else the ``ECMNET_ATTENTION_BACKEND``
 environment variable (``torch``, ``cpp`` or ``auto``), else ``auto``. ``auto`` picks ``cpp`` for fp32 CPU tensors
-when no gradient is needed, nothing is being scripted or ONNX-exported, and the library builds (a TorchScript
-trace or ``torch.compile`` records the kernel as the custom op ``torch.ops.ecmnet.axial_attention_cpu``);
-``torch`` otherwise. ``cpp`` requested explicitly raises ValueError for non-CPU or non-fp32 tensors, and still uses
-``torch`` where the kernel would give a wrong answer (an autograd graph is needed, or a graph is being recorded) or
-cannot be built (after the loader's one warning).
+when nothing is being scripted or ONNX-exported and the libraries build (a TorchScript trace or ``torch.compile``
+records the inference kernel as the custom op ``torch.ops.ecmnet.axial_attention_cpu``; with autograd, a trace or
+autocast uses ``torch``); ``torch`` otherwise. ``cpp`` requested explicitly raises ValueError for non-CPU or
+non-fp32 tensors, and still uses ``torch`` where the kernels would give a wrong answer (a graph is being recorded)
+or cannot be built (after the loader's one warning). The training path's baseline sets ``torch``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import torch
 from torch import Tensor
 
-from ecmnet_core.ops import attention_cpu
+from ecmnet_core.ops import attention_cpu, attention_train_cpu
 
 ENV_VAR = "ECMNET_ATTENTION_BACKEND"
 BACKENDS = ("torch", "cpp")
@@ -86,8 +88,10 @@ def resolve_backend(q: Tensor, k: Tensor, v: Tensor, backend: str | None = None)
     if name == "cpp" and not fits:
         raise ValueError("axial-attention backend 'cpp' needs float32 CPU tensors, got "
                          f"{q.dtype}/{k.dtype}/{v.dtype} on {v.device}")
-    if not fits or _recording() or _needs_autograd(q, k, v):
+    if not fits or _recording():
         return "torch"
+    if _needs_autograd(q, k, v):
+        return "cpp" if attention_train_cpu.fits(q, k, v) else "torch"
     return "cpp" if attention_cpu.is_available() else "torch"
 
 
@@ -97,6 +101,8 @@ def axial_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str 
     The ``cpp`` result is in channels_last memory format; the ``torch`` result has the layout its inputs produce.
     """
     if resolve_backend(q, k, v, backend) == "cpp":
+        if _needs_autograd(q, k, v):
+            return attention_train_cpu.axial_attention_train(q, k, v, float(scale))
         return attention_cpu.axial_attention_op(q, k, v, float(scale))
     return axial_attention_torch(q, k, v, scale)
 

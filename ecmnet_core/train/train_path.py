@@ -6,9 +6,13 @@ None of the options changes the function the model computes (tests compare losse
   run much faster on the CPU than NCHW, and which the fused kernels read without copies;
 * ``fused_bn_prelu``: every BNPReLU runs as one compiled kernel with its backward
   (:mod:`ecmnet_core.ops.bn_prelu_cpu`) instead of four PyTorch kernels;
+* ``fused_depthwise``: the backward of dilated and 5x5/7x7 depthwise convolutions as a compiled kernel
+  (:mod:`ecmnet_core.ops.depthwise_cpu`), where oneDNN's is 10-30x slower;
 * ``classify_before_upsample``: the 1x1 classifier before the final bilinear upsampling (linear maps commute), so
   the classifier and its backward run at 1/2 resolution on 11 instead of 16 channels;
-* ``scan_backend``: the selective scan's backend (None: automatic, i.e. the compiled CPU kernel with its backward).
+* ``scan_backend``: the selective scan's backend (None: automatic, i.e. the compiled CPU kernel with its backward);
+* ``attention_backend``: DDA's axial attention (None: automatic, i.e. on the CPU the compiled kernel with a compiled
+  backward that rebuilds the softmax instead of keeping S x S scores, :mod:`ecmnet_core.ops.attention_train_cpu`).
 
 Measured and left out of the default (``ecmnet-core bench --train``, MODEL_CARD.md): bf16 autocast (no faster
 than fp32 channels-last on a Zen 4 with avx512_bf16: oneDNN's bf16 convolutions do not win at these channel
@@ -33,8 +37,10 @@ class TrainPath:
     name: str = "default"
     channels_last: bool = True
     fused_bn_prelu: bool = True
+    fused_depthwise: bool = True
     classify_before_upsample: bool = True
     scan_backend: str | None = None
+    attention_backend: str | None = None
 
 
 def train_path(name: str, device: torch.device | str = "cpu", scan_backend: str | None = None) -> TrainPath:
@@ -44,25 +50,30 @@ def train_path(name: str, device: torch.device | str = "cpu", scan_backend: str 
     """
     device = torch.device(device)
     if name == "baseline":
-        return TrainPath("baseline", channels_last=False, fused_bn_prelu=False, classify_before_upsample=False,
-                         scan_backend="torch")
+        return TrainPath("baseline", channels_last=False, fused_bn_prelu=False, fused_depthwise=False,
+                         classify_before_upsample=False, scan_backend="torch", attention_backend="torch")
     if name != "default":
         raise ValueError(f"train.path must be one of {', '.join(PATHS)}, got {name!r}")
     path = TrainPath("default", scan_backend=scan_backend)
     if device.type != "cpu":
-        path = replace(path, channels_last=False, fused_bn_prelu=False)
+        path = replace(path, channels_last=False, fused_bn_prelu=False, fused_depthwise=False)
     return path
 
 
 def apply_train_path(model: nn.Module, path: TrainPath) -> nn.Module:
     """Set ``model`` up for ``path`` in place (memory format and plain attributes; no weights change)."""
-    from ecmnet_core.model.layers import BNPReLU
+    from ecmnet_core.model.attention import DDA
+    from ecmnet_core.model.layers import BNPReLU, DepthwiseConv2d
     from ecmnet_core.model.ss2d import SelectiveScan
 
     model.to(memory_format=torch.channels_last if path.channels_last else torch.contiguous_format)
     for module in model.modules():
         if isinstance(module, BNPReLU):
             module.fused = path.fused_bn_prelu
+        elif isinstance(module, DepthwiseConv2d):
+            module.fast = path.fused_depthwise
+        elif isinstance(module, DDA):
+            module.backend = path.attention_backend
         elif isinstance(module, SelectiveScan):
             module.backend = path.scan_backend
     if hasattr(model, "classify_before_upsample"):

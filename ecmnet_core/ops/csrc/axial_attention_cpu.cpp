@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -41,7 +42,7 @@ namespace {
 
 using namespace ecmnet_simd;  // VL (key lanes), vf, vi, splat, vexp2, LOG2E, FlushDenormals
 
-constexpr int ABI_VERSION = 2;
+constexpr int ABI_VERSION = 3;
 
 constexpr i64 CV = 8;  // channel lanes: DDA's channel counts are multiples of 8 (8..64), so no lane is wasted
 constexpr i64 QB_MAX = 6;  // queries per block, at most (the probability rows of the workspace)
@@ -121,6 +122,7 @@ struct Problem {
     i64 batch, dk, c, h, w;
     float alpha;  // scale * log2(e): scores come out in log2 units, ready for exp2
     i64 ldqk, ldv;  // floats from one pixel's q (k) / v to the next's: dk / c, or more for slices of one tensor
+    float* lse = nullptr;  // training: (2, batch, h, w) log2-sum-exp2 of each query's scores, rows then columns
 
     i64 cp() const { return (c + CV - 1) / CV * CV; }
 };
@@ -163,10 +165,11 @@ inline void weighted_sum(const float* p, i64 sp, const float* vb, i64 cp, i64 cb
 
 // Attention along one sequence of length s: element t of q/k starts at q0 + t * sq (dk floats), of v at
 // v0 + t * sv and of out at o0 + t * so (c floats). add: accumulate into out (second phase) instead of storing.
-// QB x NV_MAX: the register blocking (blocking_for).
+// l0 (training, else null): query t's log2-sum-exp2 of its log2-unit scores goes to l0[t * sl] (the backward's
+// softmax). QB x NV_MAX: the register blocking (blocking_for).
 template <int QB, int NV_MAX>
 void sequence(const Problem& pr, Workspace& ws, const float* q0, const float* k0, const float* v0, float* o0, i64 s,
-              i64 sq, i64 sv, i64 so, bool add) {
+              i64 sq, i64 sv, i64 so, bool add, float* l0, i64 sl) {
     const i64 dk = pr.dk, c = pr.c, cp = pr.cp(), sp = (s + VL - 1) / VL * VL;
     float* qs = ws.qs.data();
     float* kt = ws.kt.data();
@@ -228,6 +231,7 @@ void sequence(const Problem& pr, Workspace& ws, const float* q0, const float* k0
             float total = 0.0f;
             for (i64 l = 0; l < VL; ++l) total += sum[l];
             inv[qi] = 1.0f / total;
+            if (l0 && qi < nq) l0[(i0 + qi) * sl] = m + std::log2(total);
         }
 
         // weighted sum over channel blocks of up to NV_MAX vectors, normalised on the way out
@@ -264,7 +268,8 @@ template <int QB, int NV_MAX>
 void row_task(const Problem& pr, Workspace& ws, i64 task) {
     const i64 base = task * pr.w;  // (b * h + i) * w
     sequence<QB, NV_MAX>(pr, ws, pr.q + base * pr.ldqk, pr.k + base * pr.ldqk, pr.v + base * pr.ldv,
-                         pr.out + base * pr.c, pr.w, pr.ldqk, pr.ldv, pr.c, false);
+                         pr.out + base * pr.c, pr.w, pr.ldqk, pr.ldv, pr.c, false, pr.lse ? pr.lse + base : nullptr,
+                         1);
 }
 
 template <int QB, int NV_MAX>
@@ -272,7 +277,8 @@ void column_task(const Problem& pr, Workspace& ws, i64 task) {
     const i64 b = task / pr.w, j = task % pr.w;
     const i64 base = b * pr.h * pr.w + j;
     sequence<QB, NV_MAX>(pr, ws, pr.q + base * pr.ldqk, pr.k + base * pr.ldqk, pr.v + base * pr.ldv,
-                         pr.out + base * pr.c, pr.h, pr.w * pr.ldqk, pr.w * pr.ldv, pr.w * pr.c, true);
+                         pr.out + base * pr.c, pr.h, pr.w * pr.ldqk, pr.w * pr.ldv, pr.w * pr.c, true,
+                         pr.lse ? pr.lse + pr.batch * pr.h * pr.w + base : nullptr, pr.w);
 }
 
 template <int QB, int NV_MAX>
@@ -363,6 +369,19 @@ int ecmnet_axial_attention_strided(const float* q, const float* k, const float* 
     if (batch == 0 || h == 0 || w == 0) return 0;
     if (!q || !k || !v || !out) return 2;
     const Problem pr{q, k, v, out, batch, dk, c, h, w, scale * LOG2E, ldqk, ldv};
+    return run(pr, threads);
+}
+
+// Training forward: ecmnet_axial_attention, and lse (2, batch, h, w) written with each query's log2-sum-exp2 of its
+// scores in log2 units (scale * log2(e) * q . k), rows' pass first: what the backward
+// (axial_attention_backward_cpu.cpp) needs to rebuild the softmax.
+int ecmnet_axial_attention_lse(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
+                               int64_t dk, int64_t c, int64_t h, int64_t w, float scale, int threads) {
+    if (batch < 0 || h < 0 || w < 0 || dk < 1 || c < 1) return 1;
+    if (batch == 0 || h == 0 || w == 0) return 0;
+    if (!q || !k || !v || !out || !lse) return 2;
+    Problem pr{q, k, v, out, batch, dk, c, h, w, scale * LOG2E, dk, c};
+    pr.lse = lse;
     return run(pr, threads);
 }
 
