@@ -5,6 +5,10 @@ paths start from the same weights and see the same random batch; they are timed 
 (:func:`ecmnet_core.benchmarking.time_interleaved`) so a shared machine's drift lands on both. Data loading is timed on
 its own: images/s of the real training pipeline (decode once into the uint8 cache, then random scale, crop, flip
 and normalisation) over a CamVid-style folder, when one is given or found at ``../shared/camvid``.
+
+The allocator policy is process-wide, so both paths run under the same one: by default the trainer's
+(:func:`ecmnet_core.allocator.keep_freed_memory`, which the default path's trainer sets), or glibc's own
+(``glibc_allocator``; ``--glibc-allocator``), where every buffer over 32 MiB is mmapped and faulted in each step.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ecmnet_core.allocator import keep_freed_memory
 from ecmnet_core.benchmarking import environment, time_interleaved
 from ecmnet_core.model import build_model, model_config
 from ecmnet_core.train.losses import WeightedCrossEntropy
@@ -38,6 +43,7 @@ class TrainBenchConfig:
     budget_s: float = 120.0
     data: str | None = None
     data_images: int = 48
+    glibc_allocator: bool = False
 
 
 def _step_fn(model: torch.nn.Module, path_name: str, images: torch.Tensor, labels: torch.Tensor, classes: int):
@@ -85,6 +91,8 @@ def data_throughput(root: str | Path, crop: tuple[int, int], images: int) -> dic
 
 def bench_train(cfg: TrainBenchConfig) -> dict:
     h, w = cfg.size
+    allocator = "glibc defaults" if cfg.glibc_allocator else (
+        "freed memory kept (the trainer's policy)" if keep_freed_memory() else "glibc defaults (no glibc)")
     torch.manual_seed(0)
     base = build_model(model_config(cfg.model, cfg.classes))
     models = {"baseline": base, "default": copy.deepcopy(base)}
@@ -93,7 +101,7 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
     steps = {name: _step_fn(m, name, images, labels, cfg.classes) for name, m in models.items()}
     timings = time_interleaved(steps, cfg.runs, cfg.warmup, torch.device("cpu"), cfg.budget_s)
     result = {"environment": environment(torch.device("cpu")), "size": [h, w], "batch": cfg.batch,
-              "model": cfg.model, "paths": {}}
+              "model": cfg.model, "allocator": allocator, "paths": {}}
     for name, t in timings.items():
         result["paths"][name] = {**t.summary(), "s_per_iter": t.median / 1e3,
                                  "images_per_s": cfg.batch / (t.median / 1e3), "path": vars(train_path(name))}
@@ -112,6 +120,7 @@ def format_train(r: dict) -> str:
     h, w = r["size"]
     lines = [f"training step: {r['model']}, batch {r['batch']} x 3 x {h} x {w}, forward + loss + backward + Adam",
              f"device {env['device']} ({env['device_name']}), torch {env['torch']}, {env['threads']} threads",
+             f"allocator, both paths: {r['allocator']}",
              f"{'path':<10} {'s/iter p50':>10} {'p90':>7} {'runs':>4} {'images/s':>9}"]
     for name, p in r["paths"].items():
         lines.append(f"{name:<10} {p['s_per_iter']:>10.2f} {p['p90_ms'] / 1e3:>7.2f} {p['runs']:>4} "

@@ -109,6 +109,7 @@ def default_run_dir(config_name: str, model: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
+    from ecmnet_core.allocator import keep_freed_memory
     from ecmnet_core.checkpoint import CheckpointError
     from ecmnet_core.data import DataError
     from ecmnet_core.train.config import ConfigError
@@ -140,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         trainer = Trainer(config, run_dir, env, resume=args.resume, tensorboard=not args.no_tensorboard)
+        if trainer.path.keep_freed_memory:
+            # process-wide, so here and not in the library's Trainer: this process only trains
+            keep_freed_memory()
         result = trainer.fit()
     except (ConfigError, DataError, CheckpointError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)

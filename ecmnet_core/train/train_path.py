@@ -11,6 +11,9 @@ None of the options changes the function the model computes (tests compare losse
 * ``classify_before_upsample``: the 1x1 classifier before the final bilinear upsampling (linear maps commute), so
   the classifier and its backward run at 1/2 resolution on 11 instead of 16 channels;
 * ``scan_backend``: the selective scan's backend (None: automatic, i.e. the compiled CPU kernel with its backward);
+* ``keep_freed_memory``: the process keeps freed memory for reuse (:func:`ecmnet_core.allocator.keep_freed_memory`,
+  process-wide, so set by ``ecmnet-core train`` and ``bench --train``, not by the library's Trainer): glibc would
+  mmap every buffer over 32 MiB and fault it in again each step;
 * ``attention_backend``: DDA's axial attention (None: automatic, i.e. on the CPU the compiled kernel with a compiled
   backward that rebuilds the softmax instead of keeping S x S scores, :mod:`ecmnet_core.ops.attention_train_cpu`).
 
@@ -38,6 +41,7 @@ class TrainPath:
     channels_last: bool = True
     fused_bn_prelu: bool = True
     fused_depthwise: bool = True
+    keep_freed_memory: bool = True
     classify_before_upsample: bool = True
     scan_backend: str | None = None
     attention_backend: str | None = None
@@ -51,12 +55,14 @@ def train_path(name: str, device: torch.device | str = "cpu", scan_backend: str 
     device = torch.device(device)
     if name == "baseline":
         return TrainPath("baseline", channels_last=False, fused_bn_prelu=False, fused_depthwise=False,
-                         classify_before_upsample=False, scan_backend="torch", attention_backend="torch")
+                         keep_freed_memory=False, classify_before_upsample=False, scan_backend="torch",
+                         attention_backend="torch")
     if name != "default":
         raise ValueError(f"train.path must be one of {', '.join(PATHS)}, got {name!r}")
     path = TrainPath("default", scan_backend=scan_backend)
     if device.type != "cpu":
-        path = replace(path, channels_last=False, fused_bn_prelu=False, fused_depthwise=False)
+        path = replace(path, channels_last=False, fused_bn_prelu=False, fused_depthwise=False,
+                       keep_freed_memory=False)
     return path
 
 
