@@ -96,6 +96,10 @@ class ECMNet(nn.Module):
     #: classifier first (at 1/2 resolution, on num_classes instead of 16 channels) is the same function with less
     #: work. Off by default so that the cost tables count the paper's layer order; inference turns it on.
     classify_before_upsample: bool = False
+    #: Training only, with ``classify_before_upsample``: return the 1/2-resolution class logits and leave the final
+    #: bilinear upsampling to the loss (:class:`ecmnet_core.train.losses.WeightedCrossEntropy`), which fuses it with
+    #: the cross-entropy on the CPU. Same loss; the fast training path turns it on.
+    upsample_in_loss: bool = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -178,9 +182,11 @@ class ECMNet(nn.Module):
             y = y + self.long[2](skips[0])
         y = self.bn1(self.pa(resize_to(self.up1(y), stem)))
         if self.classify_before_upsample:
+            logits = self.classifier(y)
+            if self.upsample_in_loss and self.training:
+                return logits
             # NCHW for the upsampling: with 11-19 channels the channels-last CPU kernel vectorises poorly (3 vs 2 ms)
-            return F.interpolate(self.classifier(y).contiguous(), size=x.shape[-2:], mode="bilinear",
-                                 align_corners=False)
+            return F.interpolate(logits.contiguous(), size=x.shape[-2:], mode="bilinear", align_corners=False)
         y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.classifier(y)
 

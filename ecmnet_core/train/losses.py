@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ecmnet_core.ops import upsample_ce_cpu
+
 
 class LabelRangeError(ValueError):
     """A label map holds values that are neither a class id nor the ignore index."""
@@ -41,7 +43,14 @@ class WeightedCrossEntropy(nn.Module):
                                   f"ignore index {self.ignore_index}")
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Logits smaller than the labels (a model that leaves the last upsampling to the loss,
+        ``ECMNet.upsample_in_loss``) are bilinearly upsampled to them first (align_corners=False): on fp32
+        channels-last CPU logits fused with the loss (:mod:`ecmnet_core.ops.upsample_ce_cpu`)."""
         self.check_target(target)
+        if logits.shape[-2:] != target.shape[-2:]:
+            if upsample_ce_cpu.fits(logits, target):
+                return upsample_ce_cpu.upsample_cross_entropy(logits, target, self.weight, self.ignore_index)
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
         weight = self.weight.to(logits.dtype) if self.weight is not None else None
         # fp32 loss under autocast: log-softmax over K classes in fp16 loses too much. NCHW: the CPU
         # log-softmax over the channel dim of a channels-last tensor is several times slower than the copy

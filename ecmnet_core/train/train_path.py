@@ -10,6 +10,8 @@ None of the options changes the function the model computes (tests compare losse
   (:mod:`ecmnet_core.ops.depthwise_cpu`), where oneDNN's is 10-30x slower;
 * ``classify_before_upsample``: the 1x1 classifier before the final bilinear upsampling (linear maps commute), so
   the classifier and its backward run at 1/2 resolution on 11 instead of 16 channels;
+* ``fused_loss``: with ``classify_before_upsample``, the model leaves the final bilinear upsampling to the loss,
+  which runs it fused with the cross-entropy (:mod:`ecmnet_core.ops.upsample_ce_cpu`): no full-resolution logits;
 * ``scan_backend``: the selective scan's backend (None: automatic, i.e. the compiled CPU kernel with its backward);
 * ``keep_freed_memory``: the process keeps freed memory for reuse (:func:`ecmnet_core.allocator.keep_freed_memory`,
   process-wide, so set by ``ecmnet-core train`` and ``bench --train``, not by the library's Trainer): glibc would
@@ -43,6 +45,7 @@ class TrainPath:
     fused_depthwise: bool = True
     keep_freed_memory: bool = True
     classify_before_upsample: bool = True
+    fused_loss: bool = True
     scan_backend: str | None = None
     attention_backend: str | None = None
 
@@ -55,14 +58,14 @@ def train_path(name: str, device: torch.device | str = "cpu", scan_backend: str 
     device = torch.device(device)
     if name == "baseline":
         return TrainPath("baseline", channels_last=False, fused_bn_prelu=False, fused_depthwise=False,
-                         keep_freed_memory=False, classify_before_upsample=False, scan_backend="torch",
-                         attention_backend="torch")
+                         keep_freed_memory=False, classify_before_upsample=False, fused_loss=False,
+                         scan_backend="torch", attention_backend="torch")
     if name != "default":
         raise ValueError(f"train.path must be one of {', '.join(PATHS)}, got {name!r}")
     path = TrainPath("default", scan_backend=scan_backend)
     if device.type != "cpu":
         path = replace(path, channels_last=False, fused_bn_prelu=False, fused_depthwise=False,
-                       keep_freed_memory=False)
+                       keep_freed_memory=False, fused_loss=False)
     return path
 
 
@@ -84,6 +87,7 @@ def apply_train_path(model: nn.Module, path: TrainPath) -> nn.Module:
             module.backend = path.scan_backend
     if hasattr(model, "classify_before_upsample"):
         model.classify_before_upsample = path.classify_before_upsample
+        model.upsample_in_loss = path.fused_loss
     return model
 
 
