@@ -334,9 +334,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"--scan: skip the per-step reference loop and the textbook backward when "
                              f"L > {SLOW_LENGTH}")
     parser.add_argument("--no-memory", action="store_true", help="--scan: do not measure peak memory")
-    parser.add_argument("--glibc-allocator", action="store_true",
-                        help="--train: both paths under glibc's allocator defaults instead of the trainer's policy "
-                             "(freed memory kept for reuse)")
+    parser.add_argument("--trainer-allocator", action="store_true",
+                        help="--train: both paths under the allocator policy of ecmnet-core train (freed memory kept "
+                             "for reuse) instead of glibc's defaults")
     parser.add_argument("--budget", type=float, default=60.0,
                         help="--scan, --paths: stop repeating one measurement after this many seconds (default 60)")
     parser.add_argument("--progress", action="store_true",
@@ -449,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
                                     runs=5 if args.runs is None else args.runs,
                                     warmup=1 if args.warmup is None else args.warmup,
                                     budget_s=max(args.budget, 120.0), data=args.data,
-                                    glibc_allocator=args.glibc_allocator)
+                                    trainer_allocator=args.trainer_allocator)
             result = bench_train(tcfg)
             text = format_train
         elif args.paths is not None:

@@ -159,12 +159,12 @@ def test_bench_train_reports_both_paths(tmp_path, one_torch_thread):
     from ecmnet_core.bench_train import TrainBenchConfig, bench_train, format_train
 
     root = make_camvid(tmp_path / "camvid", n_train=4, n_val=1)
-    r = bench_train(TrainBenchConfig(size=(32, 48), batch=2, runs=2, warmup=1, data=str(root), data_images=4,
-                                     glibc_allocator=True))  # the policy is process-wide: not in pytest's
+    # (glibc's allocator defaults: --trainer-allocator's policy is process-wide and would stay in pytest's)
+    r = bench_train(TrainBenchConfig(size=(32, 48), batch=2, runs=2, warmup=1, data=str(root), data_images=4))
     assert set(r["paths"]) == {"baseline", "default"}
     assert r["speedup"] == pytest.approx(r["baseline_s_per_iter"] / r["default_s_per_iter"])
     assert r["data_images_per_s"] > 0 and r["data"]["images"] == 4
-    assert "default speed-up vs baseline" in format_train(r)
+    assert "default speed-up vs baseline" in format_train(r) and r["allocator"] == "glibc defaults"
 
 
 def test_progressive_resizing_changes_the_crop_per_stage(tmp_path):
