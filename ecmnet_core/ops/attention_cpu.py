@@ -31,7 +31,6 @@ _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 _ARGTYPES = [_P] * 4 + [_I64] * 5 + [ctypes.c_float, _INT]
 _STRIDED_ARGTYPES = [_P] * 4 + [_I64] * 7 + [ctypes.c_float, _INT]
-_ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
 
 
 _open = cbuild.abi_opener("ecmnet_attn_abi_version", ABI_VERSION, {
@@ -106,8 +105,7 @@ def axial_attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
     out = empty_nhwc(b, c, h, w, like=v)
     code = lib.ecmnet_axial_attention(qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), b, dk, c, h, w,
                                       float(scale), _threads())
-    if code != 0:
-        raise RuntimeError(f"axial attention kernel failed: {_ERRORS.get(code, f'error code {code}')}")
+    cbuild.check_status(code, "axial attention kernel")
     return out
 
 
@@ -129,8 +127,7 @@ def axial_attention_qkv_cpu(qkv: Tensor, dk: int, scale: float) -> Tensor:
     out = empty_nhwc(b, c, h, w, like=qkv)
     code = lib.ecmnet_axial_attention_strided(ptr, ptr + dk * f, ptr + 2 * dk * f, out.data_ptr(), b, dk, c, h, w,
                                               total, total, float(scale), _threads())
-    if code != 0:
-        raise RuntimeError(f"axial attention kernel failed: {_ERRORS.get(code, f'error code {code}')}")
+    cbuild.check_status(code, "axial attention kernel")
     return out
 
 

@@ -30,7 +30,6 @@ CACHE_NAME = "attention_backward_cpu"
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
-_ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
 
 _open = cbuild.abi_opener("ecmnet_attn_bwd_abi_version", ABI_VERSION, {
     "ecmnet_axial_attention_backward": ([_P] * 8 + [_I64] * 5 + [ctypes.c_float, _INT], _INT)})
@@ -54,8 +53,7 @@ def is_available() -> bool:
 
 
 def _check(code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"axial attention {what} kernel failed: {_ERRORS.get(code, f'error code {code}')}")
+    cbuild.check_status(code, f"axial attention {what} kernel")
 
 
 class _AxialAttentionFunction(torch.autograd.Function):

@@ -30,7 +30,6 @@ CACHE_NAME = "bn_prelu_cpu"
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
-_ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
 
 _open = cbuild.abi_opener("ecmnet_bnp_abi_version", ABI_VERSION, {
     "ecmnet_bn_prelu_forward": ([_P] * 8 + [_I64, _I64, ctypes.c_float, _INT], _INT),
@@ -58,8 +57,7 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def _check(code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"BatchNorm+PReLU kernel {what} failed: {_ERRORS.get(code, f'error code {code}')}")
+    cbuild.check_status(code, f"BatchNorm+PReLU kernel {what}")
 
 
 class _BNPReLUFunction(torch.autograd.Function):

@@ -31,6 +31,15 @@ NATIVE_FLAGS = ("-march=native",)
 
 Opener = Callable[[Path], "ctypes.CDLL | None"]
 
+#: The status codes the kernels' C functions share (0 is success).
+KERNEL_ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
+
+
+def check_status(code: int, what: str, errors: dict[int, str] = KERNEL_ERRORS) -> None:
+    """Raise RuntimeError("<what> failed: <reason>") for a kernel call's non-zero status ``code``."""
+    if code != 0:
+        raise RuntimeError(f"{what} failed: {errors.get(code, f'error code {code}')}")
+
 
 def cache_dir(name: str) -> Path:
     """Where the libraries of kernel family ``name`` are kept: ``$ECMNET_CACHE_DIR/<name>`` or

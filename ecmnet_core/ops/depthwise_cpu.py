@@ -33,7 +33,6 @@ TAPS_MAX = 121
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
-_ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
 
 _open = cbuild.abi_opener("ecmnet_dw_abi_version", ABI_VERSION, {
     "ecmnet_dw_backward": ([_P] * 6 + [_I64] * 10 + [_INT], _INT)})
@@ -56,8 +55,7 @@ def is_available() -> bool:
 
 
 def _check(code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"depthwise convolution kernel {what} failed: {_ERRORS.get(code, f'error code {code}')}")
+    cbuild.check_status(code, f"depthwise convolution kernel {what}")
 
 
 def _taps(weight: Tensor) -> Tensor:

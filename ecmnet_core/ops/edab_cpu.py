@@ -35,7 +35,6 @@ CACHE_NAME = "edab_cpu"
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _ARGTYPES = [_P] * 3 + [_I64] * 4 + [_P, _I64, _I64, ctypes.c_int]
-_ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
 
 _MERGE_ARGTYPES = [_P] * 5 + [ctypes.c_float, _P] + [_I64] * 3 + [_P, ctypes.c_int]
 _SHUFFLE_ARGTYPES = [_P] * 3 + [_I64] * 3 + [ctypes.c_int]
@@ -129,8 +128,7 @@ def _library() -> ctypes.CDLL:
 
 
 def _check(code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"{what} kernel failed: {_ERRORS.get(code, f'error code {code}')}")
+    cbuild.check_status(code, f"{what} kernel")
 
 
 def pack_merge_params(bn: torch.nn.BatchNorm2d, prelu_weight: Tensor) -> Tensor:

@@ -93,8 +93,7 @@ _ERRORS = {1: "invalid sizes", 2: "dim not divisible by the groups", 3: "invalid
 
 
 def _check(code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"selective-scan kernel {what} failed: {_ERRORS.get(code, f'error code {code}')}")
+    cbuild.check_status(code, f"selective-scan kernel {what}", _ERRORS)
 
 
 def _forward(lib, u, delta, A, Bt, Ct, D, z, delta_bias, softplus, chunk, store_states):

@@ -32,7 +32,6 @@ K_MAX = 256
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
-_ERRORS = {1: "invalid sizes", 2: "null pointer", 5: "out of memory"}
 
 _open = cbuild.abi_opener("ecmnet_uce_abi_version", ABI_VERSION, {
     "ecmnet_upsample_ce_forward": ([_P] * 4 + [_I64] * 7 + [_INT], _INT),
@@ -56,9 +55,7 @@ def is_available() -> bool:
 
 
 def _check(code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"upsampling cross-entropy kernel {what} failed: "
-                           f"{_ERRORS.get(code, f'error code {code}')}")
+    cbuild.check_status(code, f"upsampling cross-entropy kernel {what}")
 
 
 class _UpsampleCrossEntropy(torch.autograd.Function):

@@ -28,20 +28,10 @@
 
 namespace {
 
-using namespace ecmnet_simd;  // VL, vf, vi, splat, vexp2, LOG2E, FlushDenormals
+using namespace ecmnet_simd;  // VL, vf, vi, vload, vstore, splat, vexp2, LOG2E, FlushDenormals
 
 constexpr int ABI_VERSION = 1;
 constexpr i64 QB = 4;  // queries per block
-
-inline vf loadu(const float* p) {
-    vf v;
-    std::memcpy(&v, p, sizeof(vf));
-    return v;
-}
-
-inline void storeu(float* p, vf v) {
-    std::memcpy(p, &v, sizeof(vf));
-}
 
 inline float hsum(vf v) {
     float t = 0.0f;
@@ -135,7 +125,7 @@ void sequence(const Problem& pr, Workspace& ws, i64 off_qk, i64 off_v, i64 off_l
             vf pv[QB];
             for (i64 qi = 0; qi < QB; ++qi) pv[qi] = vf{};
             for (i64 e = 0; e < d; ++e) {
-                const vf kv = loadu(kt + e * sp + jb);
+                const vf kv = vload(kt + e * sp + jb);
                 for (i64 qi = 0; qi < QB; ++qi) pv[qi] += splat(qrow[qi][e]) * kv;
             }
             const vi key_ok = iota + static_cast<float>(jb) < static_cast<float>(s);
@@ -146,18 +136,18 @@ void sequence(const Problem& pr, Workspace& ws, i64 off_qk, i64 off_v, i64 off_l
             }
             vf dp[QB] = {};
             for (i64 ch = 0; ch < c; ++ch) {
-                const vf vv = loadu(vt + ch * sp + jb);
-                vf dvv = loadu(dvt + ch * sp + jb);
+                const vf vv = vload(vt + ch * sp + jb);
+                vf dvv = vload(dvt + ch * sp + jb);
                 for (i64 qi = 0; qi < QB; ++qi) {
                     const vf gb = splat(grow[qi][ch]);
                     dp[qi] += gb * vv;
                     dvv += gb * pv[qi];
                 }
-                storeu(dvt + ch * sp + jb, dvv);
+                vstore(dvt + ch * sp + jb, dvv);
             }
             for (i64 qi = 0; qi < QB; ++qi) {
-                storeu(p + qi * sp + jb, pv[qi]);
-                storeu(dsb + qi * sp + jb, dp[qi]);
+                vstore(p + qi * sp + jb, pv[qi]);
+                vstore(dsb + qi * sp + jb, dp[qi]);
                 dsum[qi] += pv[qi] * dp[qi];
             }
         }
@@ -165,7 +155,7 @@ void sequence(const Problem& pr, Workspace& ws, i64 off_qk, i64 off_v, i64 off_l
         for (i64 qi = 0; qi < QB; ++qi) {
             const vf dd = splat(hsum(dsum[qi]));
             for (i64 jb = 0; jb < sp; jb += VL)
-                storeu(dsb + qi * sp + jb, loadu(p + qi * sp + jb) * (loadu(dsb + qi * sp + jb) - dd));
+                vstore(dsb + qi * sp + jb, vload(p + qi * sp + jb) * (vload(dsb + qi * sp + jb) - dd));
         }
         // dq (scaled on the way out) and the dk sums, one key-vector sweep per q/k channel
         const float* qsc[QB];
@@ -173,14 +163,14 @@ void sequence(const Problem& pr, Workspace& ws, i64 off_qk, i64 off_v, i64 off_l
         for (i64 e = 0; e < d; ++e) {
             vf acc[QB] = {};
             for (i64 jb = 0; jb < sp; jb += VL) {
-                const vf kv = loadu(kt + e * sp + jb);
-                vf dkv = loadu(dkt + e * sp + jb);
+                const vf kv = vload(kt + e * sp + jb);
+                vf dkv = vload(dkt + e * sp + jb);
                 for (i64 qi = 0; qi < QB; ++qi) {
-                    const vf dsv = loadu(dsb + qi * sp + jb);
+                    const vf dsv = vload(dsb + qi * sp + jb);
                     acc[qi] += dsv * kv;
                     dkv += splat(qsc[qi][e]) * dsv;
                 }
-                storeu(dkt + e * sp + jb, dkv);
+                vstore(dkt + e * sp + jb, dkv);
             }
             for (i64 qi = 0; qi < nq; ++qi) {
                 float* dst = pr.dq + off_qk + (i0 + qi) * sq + e;

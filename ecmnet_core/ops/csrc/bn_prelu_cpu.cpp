@@ -20,27 +20,22 @@
 #include <cstring>
 #include <vector>
 
+#include "ecmnet_parallel.h"
 #include "ecmnet_simd.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace {
 
 using i64 = int64_t;
 using ecmnet_simd::vf;
 using ecmnet_simd::VL;
+using ecmnet_simd::vload;
+using ecmnet_simd::vstore;
+using ecmnet_parallel::parallel;
+using ecmnet_parallel::team_size;
 
 constexpr int ABI_VERSION = 1;
 constexpr i64 ROWS = 64;  // rows per float partial sum
 constexpr i64 C_MAX = 4096;
-
-int team_size(int threads, i64 m, i64 c) {
-    // below ~64 k elements per thread, one more thread does not pay for itself
-    const i64 by_work = std::max<i64>(1, (m * c) / (i64(1) << 16));
-    return static_cast<int>(std::max<i64>(1, std::min<i64>(std::max(threads, 1), by_work)));
-}
 
 // Rows [lo, hi) of thread t of n.
 inline void split(i64 m, int t, int n, i64& lo, i64& hi) {
@@ -52,16 +47,6 @@ inline void split(i64 m, int t, int n, i64& lo, i64& hi) {
 // Channels are walked in native vectors of VL lanes (ecmnet_simd.h), the last c % VL channels one by one. The PReLU
 // select is a vector blend: written as a scalar branch it neither vectorises nor predicts (activations change sign
 // at random), which made this kernel about 20 times slower than its memory traffic.
-inline vf load(const float* p) {
-    vf v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-inline void store(float* p, vf v) {
-    std::memcpy(p, &v, sizeof(v));
-}
-
 // Per-channel sums of (x - shift) and its square over rows [r0, r1), added to f1, f2. Channel-vector outer, rows
 // inner: the sums stay in registers (two rows at a time, for two independent add chains) and a block of rows is
 // read from L1 after its first vector.
@@ -69,23 +54,23 @@ void moments(const float* __restrict__ x, const float* __restrict__ shift, float
              float* __restrict__ f2, i64 r0, i64 r1, i64 c) {
     i64 j = 0;
     for (; j + VL <= c; j += VL) {
-        const vf sh = load(shift + j);
+        const vf sh = vload(shift + j);
         vf a1 = vf{}, a2 = vf{}, b1 = vf{}, b2 = vf{};
         i64 r = r0;
         for (; r + 1 < r1; r += 2) {
-            const vf d0 = load(x + r * c + j) - sh, d1 = load(x + (r + 1) * c + j) - sh;
+            const vf d0 = vload(x + r * c + j) - sh, d1 = vload(x + (r + 1) * c + j) - sh;
             a1 += d0;
             a2 += d0 * d0;
             b1 += d1;
             b2 += d1 * d1;
         }
         if (r < r1) {
-            const vf d0 = load(x + r * c + j) - sh;
+            const vf d0 = vload(x + r * c + j) - sh;
             a1 += d0;
             a2 += d0 * d0;
         }
-        store(f1 + j, load(f1 + j) + a1 + b1);
-        store(f2 + j, load(f2 + j) + a2 + b2);
+        vstore(f1 + j, vload(f1 + j) + a1 + b1);
+        vstore(f2 + j, vload(f2 + j) + a2 + b2);
     }
     for (; j < c; ++j) {
         float a1 = 0.0f, a2 = 0.0f;
@@ -107,8 +92,8 @@ void affine_prelu(const float* __restrict__ x, const float* __restrict__ s, cons
         float* __restrict__ o = out + r * c;
         i64 j = 0;
         for (; j + VL <= c; j += VL) {
-            const vf z = load(row + j) * load(s + j) + load(b + j);
-            store(o + j, z > 0.0f ? z : z * load(a + j));
+            const vf z = vload(row + j) * vload(s + j) + vload(b + j);
+            vstore(o + j, z > 0.0f ? z : z * vload(a + j));
         }
         for (; j < c; ++j) {
             const float z = row[j] * s[j] + b[j];
@@ -123,19 +108,19 @@ void grad_sums(const float* __restrict__ x, const float* __restrict__ dout, cons
                float* __restrict__ fg, float* __restrict__ fgx, float* __restrict__ fa, i64 r0, i64 r1, i64 c) {
     i64 j = 0;
     for (; j + VL <= c; j += VL) {
-        const vf sv = load(s + j), bv = load(b + j), av = load(a + j), mv = load(mean + j);
+        const vf sv = vload(s + j), bv = vload(b + j), av = vload(a + j), mv = vload(mean + j);
         vf ag = vf{}, agx = vf{}, aa = vf{};
         for (i64 r = r0; r < r1; ++r) {
-            const vf xv = load(x + r * c + j), dy = load(dout + r * c + j);
+            const vf xv = vload(x + r * c + j), dy = vload(dout + r * c + j);
             const vf z = xv * sv + bv;
             const vf neg = z > 0.0f ? vf{} : dy;  // dout where z <= 0
             ag += dy + neg * (av - 1.0f);          // g = dout * (z > 0 ? 1 : a)
             agx += (dy + neg * (av - 1.0f)) * (xv - mv);
             aa += neg * z;
         }
-        store(fg + j, load(fg + j) + ag);
-        store(fgx + j, load(fgx + j) + agx);
-        store(fa + j, load(fa + j) + aa);
+        vstore(fg + j, vload(fg + j) + ag);
+        vstore(fgx + j, vload(fgx + j) + agx);
+        vstore(fa + j, vload(fa + j) + aa);
     }
     for (; j < c; ++j) {
         float ag = 0.0f, agx = 0.0f, aa = 0.0f;
@@ -165,10 +150,10 @@ void grad_input(const float* __restrict__ x, const float* __restrict__ dout, con
         float* __restrict__ o = dx + r * c;
         i64 j = 0;
         for (; j + VL <= c; j += VL) {
-            const vf xv = load(row + j), d = load(dy + j);
-            const vf z = xv * load(s + j) + load(b + j);
-            const vf g = z > 0.0f ? d : d * load(a + j);
-            store(o + j, load(s + j) * g - load(k1 + j) - load(k2 + j) * (xv - load(mean + j)));
+            const vf xv = vload(row + j), d = vload(dy + j);
+            const vf z = xv * vload(s + j) + vload(b + j);
+            const vf g = z > 0.0f ? d : d * vload(a + j);
+            vstore(o + j, vload(s + j) * g - vload(k1 + j) - vload(k2 + j) * (xv - vload(mean + j)));
         }
         for (; j < c; ++j) {
             const float z = row[j] * s[j] + b[j];
@@ -176,17 +161,6 @@ void grad_input(const float* __restrict__ x, const float* __restrict__ dout, con
             o[j] = s[j] * g - k1[j] - k2[j] * (row[j] - mean[j]);
         }
     }
-}
-
-template <class F>
-void parallel(int team, F&& body) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(team)
-    body(omp_get_thread_num(), omp_get_num_threads());
-#else
-    (void)team;
-    body(0, 1);
-#endif
 }
 
 // Per-channel sums of K quantities over all m rows, into total (K * c doubles): each thread accumulates blocks of
@@ -235,7 +209,7 @@ int ecmnet_bn_prelu_forward(const float* x, const float* gamma, const float* bet
                             int threads) {
     if (m < 1 || c < 1 || c > C_MAX) return 1;
     if (!x || !gamma || !beta || !a || !out || !mean_out || !var_out || !invstd_out) return 2;
-    const int team = team_size(threads, m, c);
+    const int team = team_size(threads, m * c);
     const float* shift = x;  // first row
     std::vector<double> sums;
     if (!channel_sums<2>(team, m, c, [&](i64 r0, i64 r1, float* f) { moments(x, shift, f, f + c, r0, r1, c); },
@@ -270,7 +244,7 @@ int ecmnet_bn_prelu_backward(const float* dout, const float* x, const float* mea
                              float* dbeta, float* da, int64_t m, int64_t c, int threads) {
     if (m < 1 || c < 1 || c > C_MAX) return 1;
     if (!dout || !x || !mean || !invstd || !gamma || !beta || !a || !dgamma || !dbeta || !da) return 2;
-    const int team = team_size(threads, m, c);
+    const int team = team_size(threads, m * c);
     std::vector<float> s(static_cast<size_t>(c)), b(static_cast<size_t>(c));
     for (i64 j = 0; j < c; ++j) {
         s[j] = gamma[j] * invstd[j];

@@ -20,53 +20,27 @@
 #include <cstring>
 #include <vector>
 
+#include "ecmnet_parallel.h"
 #include "ecmnet_simd.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace {
 
 using i64 = int64_t;
 using ecmnet_simd::vf;
 using ecmnet_simd::VL;
+using ecmnet_simd::vload;
+using ecmnet_simd::vstore;
+using ecmnet_parallel::parallel;
+using ecmnet_parallel::team_size;
 
 constexpr int ABI_VERSION = 1;
 constexpr i64 C_MAX = 4096;
 constexpr i64 TAPS_MAX = 121;  // up to 11 x 11
 
-inline vf load(const float* p) {
-    vf v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-inline void store(float* p, vf v) {
-    std::memcpy(p, &v, sizeof(v));
-}
-
 struct Shape {
     i64 b, h, w, c, kh, kw, dh, dw, ph, pw;
     i64 rows() const { return b * h; }
 };
-
-int team_size(int threads, i64 elements) {
-    // below ~64 k elements per thread, one more thread does not pay for itself
-    const i64 by_work = std::max<i64>(1, elements / (i64(1) << 16));
-    return static_cast<int>(std::max<i64>(1, std::min<i64>(std::max(threads, 1), by_work)));
-}
-
-template <class F>
-void parallel(int team, F&& body) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(team)
-    body(omp_get_thread_num(), omp_get_num_threads());
-#else
-    (void)team;
-    body(0, 1);
-#endif
-}
 
 inline void split(i64 n, int t, int teams, i64& lo, i64& hi) {
     lo = n * t / teams;
@@ -81,7 +55,7 @@ inline void tap_row(const float* __restrict__ s, const float* __restrict__ wv, f
         const float* __restrict__ sj = s + (j + ov) * c;
         float* __restrict__ oj = o + j * c;
         i64 k = 0;
-        for (; k + VL <= c; k += VL) store(oj + k, load(oj + k) + load(wv + k) * load(sj + k));
+        for (; k + VL <= c; k += VL) vstore(oj + k, vload(oj + k) + vload(wv + k) * vload(sj + k));
         for (; k < c; ++k) oj[k] += wv[k] * sj[k];
     }
 }
@@ -117,11 +91,11 @@ inline void dot_row(const float* __restrict__ a, const float* __restrict__ bsrc,
         vf acc0 = vf{}, acc1 = vf{};
         i64 j = jlo;
         for (; j + 1 < jhi; j += 2) {
-            acc0 += load(a + j * c + k) * load(bsrc + (j + ov) * c + k);
-            acc1 += load(a + (j + 1) * c + k) * load(bsrc + (j + 1 + ov) * c + k);
+            acc0 += vload(a + j * c + k) * vload(bsrc + (j + ov) * c + k);
+            acc1 += vload(a + (j + 1) * c + k) * vload(bsrc + (j + 1 + ov) * c + k);
         }
-        if (j < jhi) acc0 += load(a + j * c + k) * load(bsrc + (j + ov) * c + k);
-        store(f + k, load(f + k) + acc0 + acc1);
+        if (j < jhi) acc0 += vload(a + j * c + k) * vload(bsrc + (j + ov) * c + k);
+        vstore(f + k, vload(f + k) + acc0 + acc1);
     }
     for (; k < c; ++k) {
         float acc = 0.0f;

@@ -1,5 +1,5 @@
-// Shared by the compiled CPU kernels (selective_scan_cpu.cpp, axial_attention_cpu.cpp): the native vector width and
-// vector types (GCC/Clang vector extensions), a broadcast, a vectorised 2^x and denormal flushing. Header-only; the
+// Shared by the compiled CPU kernels: the native vector width and vector types (GCC/Clang vector extensions),
+// unaligned loads and stores, a broadcast, a vectorised 2^x and denormal flushing. Header-only; the
 // loader (ecmnet_core/ops/cbuild.py) hashes this file with each kernel source, so a change here rebuilds both.
 #pragma once
 
@@ -27,6 +27,17 @@ constexpr i64 VL = 4;  // SSE2, NEON and anything else with 128-bit vectors (or 
 
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+
+// Unaligned vector load and store (each compiles to one vector move).
+inline vf vload(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof(vf));
+    return v;
+}
+
+inline void vstore(float* p, vf v) {
+    std::memcpy(p, &v, sizeof(vf));
+}
 
 // Broadcast. `vf{} + x` would cost an extra scalar add (0 + -0 is +0, so it cannot be folded); x - 0 == x for every
 // x, so this folds into a single broadcast.

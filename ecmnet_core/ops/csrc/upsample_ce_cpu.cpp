@@ -18,34 +18,23 @@
 // scatter of the backward needs no atomics).
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "ecmnet_parallel.h"
 #include "ecmnet_simd.h"
 
 namespace {
 
-using namespace ecmnet_simd;  // VL, vf, vi, splat, vexp2, LOG2E, FlushDenormals
+using namespace ecmnet_simd;  // VL, vf, vi, vload, vstore, splat, vexp2, LOG2E, FlushDenormals
+using ecmnet_parallel::parallel;
 
 constexpr int ABI_VERSION = 1;
 constexpr i64 K_MAX = 256;
 constexpr float LN2 = 0.693147180559945309f;
-
-inline vf loadu(const float* p) {
-    vf v;
-    std::memcpy(&v, p, sizeof(vf));
-    return v;
-}
-
-inline void storeu(float* p, vf v) {
-    std::memcpy(p, &v, sizeof(vf));
-}
 
 // One axis of the interpolation: source rows i0, i1 and weights l0, l1 for each destination index.
 struct Axis {
@@ -74,18 +63,7 @@ struct Problem {
     i64 kp() const { return (k + VL - 1) / VL * VL; }
 };
 
-template <class F>
-void parallel(int team, F&& body) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(team)
-    body(omp_get_thread_num(), omp_get_num_threads());
-#else
-    (void)team;
-    body(0, 1);
-#endif
-}
-
-int team_size(int threads, const Problem& pr) {
+int batch_team(int threads, const Problem& pr) {  // images are the unit of work
     return static_cast<int>(std::max<i64>(1, std::min<i64>(std::max(threads, 1), pr.b)));
 }
 
@@ -108,7 +86,7 @@ inline void interpolate(const float* rows, i64 w, i64 kp, const Axis& ay, const 
     const float w00 = ay.l0[y] * ax.l0[x], w01 = ay.l0[y] * ax.l1[x], w10 = ay.l1[y] * ax.l0[x],
                 w11 = ay.l1[y] * ax.l1[x];
     for (i64 j = 0; j < kp; j += VL)
-        storeu(z + j, loadu(r00 + j) * w00 + loadu(r01 + j) * w01 + loadu(r10 + j) * w10 + loadu(r11 + j) * w11);
+        vstore(z + j, vload(r00 + j) * w00 + vload(r01 + j) * w01 + vload(r10 + j) * w10 + vload(r11 + j) * w11);
 }
 
 // softmax numerators exp(z - max) of the k classes into e (padding lanes 0); returns their sum, sets zmax.
@@ -118,7 +96,7 @@ inline float exp_shifted(const float* z, i64 k, i64 kp, float* e, float& zmax) {
     vf m = splat(-INFINITY);
     for (i64 j = 0; j < kp; j += VL) {
         const vi valid = iota + static_cast<float>(j) < static_cast<float>(k);
-        const vf v = loadu(z + j);
+        const vf v = vload(z + j);
         m = valid && v > m ? v : m;
     }
     zmax = m[0];
@@ -126,9 +104,9 @@ inline float exp_shifted(const float* z, i64 k, i64 kp, float* e, float& zmax) {
     vf sum{};
     for (i64 j = 0; j < kp; j += VL) {
         const vi valid = iota + static_cast<float>(j) < static_cast<float>(k);
-        vf x = vexp2((loadu(z + j) - zmax) * LOG2E);
+        vf x = vexp2((vload(z + j) - zmax) * LOG2E);
         x = valid ? x : vf{};
-        storeu(e + j, x);
+        vstore(e + j, x);
         sum += x;
     }
     float total = 0.0f;
@@ -160,9 +138,9 @@ int ecmnet_upsample_ce_forward(const float* logits, const int64_t* target, const
     const Problem pr{logits, target, weight, b, k, h, w, oh, ow, ignore};
     if (const int bad = check(pr)) return bad;
     if (!sums) return 2;
-    const int team = team_size(threads, pr);
+    const int team = batch_team(threads, pr);
     std::vector<double> part(static_cast<size_t>(2 * team), 0.0);
-    bool failed = false;
+    std::atomic<bool> failed{false};
     const Axis ay(h, oh), ax(w, ow);
     const i64 kp = pr.kp();
     parallel(team, [&](int t, int n) {
@@ -171,7 +149,6 @@ int ecmnet_upsample_ce_forward(const float* logits, const int64_t* target, const
         try {
             rows.resize(static_cast<size_t>(h * w * kp));
         } catch (...) {
-#pragma omp critical
             failed = true;
             return;
         }
@@ -214,8 +191,8 @@ int ecmnet_upsample_ce_backward(const float* logits, const int64_t* target, cons
     const Problem pr{logits, target, weight, b, k, h, w, oh, ow, ignore};
     if (const int bad = check(pr)) return bad;
     if (!dlogits) return 2;
-    const int team = team_size(threads, pr);
-    bool failed = false;
+    const int team = batch_team(threads, pr);
+    std::atomic<bool> failed{false};
     const Axis ay(h, oh), ax(w, ow);
     const i64 kp = pr.kp();
     parallel(team, [&](int t, int n) {
@@ -225,7 +202,6 @@ int ecmnet_upsample_ce_backward(const float* logits, const int64_t* target, cons
             rows.resize(static_cast<size_t>(h * w * kp));
             grad.resize(static_cast<size_t>(h * w * kp));
         } catch (...) {
-#pragma omp critical
             failed = true;
             return;
         }
@@ -251,12 +227,12 @@ int ecmnet_upsample_ce_backward(const float* logits, const int64_t* target, cons
                     const float w00 = ay.l0[y] * ax.l0[x], w01 = ay.l0[y] * ax.l1[x], w10 = ay.l1[y] * ax.l0[x],
                                 w11 = ay.l1[y] * ax.l1[x];
                     for (i64 j = 0; j < kp; j += VL) {
-                        const vf dz = loadu(e.data() + j) * cs;
+                        const vf dz = vload(e.data() + j) * cs;
                         // the four targets may coincide at the borders: update them one after another
-                        storeu(d00 + j, loadu(d00 + j) + dz * w00);
-                        storeu(d01 + j, loadu(d01 + j) + dz * w01);
-                        storeu(d10 + j, loadu(d10 + j) + dz * w10);
-                        storeu(d11 + j, loadu(d11 + j) + dz * w11);
+                        vstore(d00 + j, vload(d00 + j) + dz * w00);
+                        vstore(d01 + j, vload(d01 + j) + dz * w01);
+                        vstore(d10 + j, vload(d10 + j) + dz * w10);
+                        vstore(d11 + j, vload(d11 + j) + dz * w11);
                     }
                 }
             }
