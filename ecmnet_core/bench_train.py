@@ -52,7 +52,7 @@ def _step_fn(model: torch.nn.Module, path_name: str, images: torch.Tensor, label
     path = train_path(path_name, "cpu")
     apply_train_path(model, path)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=2e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=2e-4, fused=path.fused_optimizer)
     criterion = WeightedCrossEntropy(classes, None, classes)
     x = prepare_batch(images, path)
 

@@ -177,13 +177,14 @@ def _old_ptflops_linear_hook(module: nn.Linear, inputs: tuple, output: Tensor) -
 
 
 def _custom_hooks() -> dict:
-    """The old counter's Linear rule; our export-friendly PReLU subclass counted as the nn.PReLU it is (ptflops
-    matches exact types)."""
+    """The old counter's Linear rule; our subclasses counted as the modules they are (ptflops matches exact types):
+    the export-friendly PReLU as nn.PReLU, DepthwiseConv2d as nn.Conv2d."""
     from ptflops.pytorch_ops import MODULES_MAPPING
 
-    from ecmnet_core.model.layers import PReLU
+    from ecmnet_core.model.layers import DepthwiseConv2d, PReLU
 
-    return {nn.Linear: _old_ptflops_linear_hook, PReLU: MODULES_MAPPING[nn.PReLU]}
+    return {nn.Linear: _old_ptflops_linear_hook, PReLU: MODULES_MAPPING[nn.PReLU],
+            DepthwiseConv2d: MODULES_MAPPING[nn.Conv2d]}
 
 
 def paper_macs(model: nn.Module, input_size: tuple[int, int]) -> int:

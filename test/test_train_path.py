@@ -178,6 +178,7 @@ def test_progressive_resizing_changes_the_crop_per_stage(tmp_path):
                                         "data.batch_size=2", "data.workers=0", "train.epochs=3",
                                         "data.stages=[{epochs: 2, scale: 0.5}]", "train.progress=false"])
     trainer = Trainer(config, tmp_path / "run", tensorboard=False, plots=False)
+    assert trainer.optimizer.defaults["fused"]  # the default path's one-kernel Adam
     assert [trainer.stage_scale(e) for e in range(3)] == [0.5, 0.5, 1.0]
     for epoch, shape in ((0, (16, 24)), (2, (32, 48))):
         images, labels = next(iter(trainer._loader(epoch, 0)))

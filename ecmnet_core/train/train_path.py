@@ -12,6 +12,8 @@ None of the options changes the function the model computes (tests compare losse
   the classifier and its backward run at 1/2 resolution on 11 instead of 16 channels;
 * ``fused_loss``: with ``classify_before_upsample``, the model leaves the final bilinear upsampling to the loss,
   which runs it fused with the cross-entropy (:mod:`ecmnet_core.ops.upsample_ce_cpu`): no full-resolution logits;
+* ``fused_optimizer``: Adam/AdamW as one fused kernel over all parameters (``fused=True``) instead of about ten
+  small PyTorch ops per parameter tensor (CPU PyTorch does not default to the batched implementations);
 * ``scan_backend``: the selective scan's backend (None: automatic, i.e. the compiled CPU kernel with its backward);
 * ``keep_freed_memory``: the process keeps freed memory for reuse (:func:`ecmnet_core.allocator.keep_freed_memory`,
   process-wide, so set by ``ecmnet-core train`` and ``bench --train``, not by the library's Trainer): glibc would
@@ -46,6 +48,7 @@ class TrainPath:
     keep_freed_memory: bool = True
     classify_before_upsample: bool = True
     fused_loss: bool = True
+    fused_optimizer: bool = True
     scan_backend: str | None = None
     attention_backend: str | None = None
 
@@ -59,7 +62,7 @@ def train_path(name: str, device: torch.device | str = "cpu", scan_backend: str 
     if name == "baseline":
         return TrainPath("baseline", channels_last=False, fused_bn_prelu=False, fused_depthwise=False,
                          keep_freed_memory=False, classify_before_upsample=False, fused_loss=False,
-                         scan_backend="torch", attention_backend="torch")
+                         fused_optimizer=False, scan_backend="torch", attention_backend="torch")
     if name != "default":
         raise ValueError(f"train.path must be one of {', '.join(PATHS)}, got {name!r}")
     path = TrainPath("default", scan_backend=scan_backend)

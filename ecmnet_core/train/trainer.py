@@ -206,10 +206,11 @@ class Trainer:
             (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         name = o.name.lower()
+        fused = {"fused": True} if self.path.fused_optimizer else {}  # same update, one kernel
         if name == "adam":
-            self.optimizer = torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+            self.optimizer = torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps, **fused)
         elif name == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **fused)
         elif name == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
         else:
