@@ -97,14 +97,27 @@ def axial_attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
     c = v.shape[1]
     if dk < 1 or c < 1:
         raise ValueError(f"axial attention: q/k and v need at least one channel, got dk={dk}, C={c}")
+    return launch(q, k, v, scale)
+
+
+def launch(q: Tensor, k: Tensor, v: Tensor, scale: float, lse: Tensor | None = None) -> Tensor:
+    """The kernel call behind :func:`axial_attention_cpu`, for inputs already checked. ``lse``: the training
+    forward's (:mod:`ecmnet_core.ops.attention_train_cpu`) contiguous fp32 (2, B, H, W) output for each query's
+    log2-sum-exp2 of its log2-unit scores, rows' pass first."""
+    b, dk, h, w = q.shape
+    c = v.shape[1]
     lib = load_library()
     if lib is None:
         raise RuntimeError(f"compiled CPU axial attention unavailable: {_LOADER.error}")
     # Keep references to the contiguous copies: the kernel reads through raw pointers.
     qc, kc, vc = nhwc_memory(q), nhwc_memory(k), nhwc_memory(v)
     out = empty_nhwc(b, c, h, w, like=v)
-    code = lib.ecmnet_axial_attention(qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), b, dk, c, h, w,
-                                      float(scale), _threads())
+    if lse is None:
+        code = lib.ecmnet_axial_attention(qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), b, dk, c, h, w,
+                                          float(scale), _threads())
+    else:
+        code = lib.ecmnet_axial_attention_lse(qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(),
+                                              lse.data_ptr(), b, dk, c, h, w, float(scale), _threads())
     cbuild.check_status(code, "axial attention kernel")
     return out
 

@@ -52,21 +52,13 @@ def is_available() -> bool:
     return load_library() is not None and attention_cpu.is_available()
 
 
-def _check(code: int, what: str) -> None:
-    cbuild.check_status(code, f"axial attention {what} kernel")
-
-
 class _AxialAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float):  # type: ignore[override]
-        b, d, h, w = q.shape
-        c = v.shape[1]
+        b, _, h, w = q.shape
         qc, kc, vc = nhwc_memory(q), nhwc_memory(k), nhwc_memory(v)  # views for channels-last input
-        out = empty_nhwc(b, c, h, w, like=v)
         lse = torch.empty(2, b, h, w, dtype=torch.float32)
-        _check(attention_cpu.load_library().ecmnet_axial_attention_lse(
-            qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), out.data_ptr(), lse.data_ptr(), b, d, c, h, w,
-            float(scale), torch.get_num_threads()), "forward")
+        out = attention_cpu.launch(qc, kc, vc, scale, lse)  # fits() checked the inputs
         ctx.save_for_backward(qc, kc, vc, lse)
         ctx.scale = float(scale)
         return out
@@ -78,9 +70,9 @@ class _AxialAttentionFunction(torch.autograd.Function):
         c = vc.shape[1]
         g = nhwc_memory(dout)
         dq, dk, dv = empty_nhwc(b, d, h, w, like=vc), empty_nhwc(b, d, h, w, like=vc), empty_nhwc(b, c, h, w, like=vc)
-        _check(load_library().ecmnet_axial_attention_backward(
+        cbuild.check_status(load_library().ecmnet_axial_attention_backward(
             qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), g.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(),
-            dv.data_ptr(), b, d, c, h, w, ctx.scale, torch.get_num_threads()), "backward")
+            dv.data_ptr(), b, d, c, h, w, ctx.scale, torch.get_num_threads()), "axial attention backward kernel")
         return dq, dk, dv, None
 
 

@@ -110,7 +110,6 @@ def dw_pair_cpu(x: Tensor, params: Tensor, d1: int, d2: int, want_mean: bool = F
     return out, sums.div_(float(h * w)) if want_mean else sums
 
 
-
 def _nhwc(t: Tensor, name: str, like: Tensor | None = None) -> Tensor:
     """A checked (B, C, H, W) fp32 CPU tensor in channels-last memory (itself when it already is)."""
     if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4:
@@ -177,7 +176,6 @@ def affine_prelu_cpu(x: Tensor, params: Tensor) -> Tensor:
     _check(_library().ecmnet_affine_prelu(xc.data_ptr(), y.data_ptr(), b * h * w, c, params.data_ptr(),
                                           torch.get_num_threads()), "BatchNorm + PReLU")
     return y
-
 
 
 @cpu_inference_op("affine_prelu_cpu", "(Tensor x, Tensor params) -> Tensor",

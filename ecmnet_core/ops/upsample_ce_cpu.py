@@ -71,16 +71,14 @@ class _UpsampleCrossEntropy(torch.autograd.Function):
             rows.data_ptr(), tgt.data_ptr(), wt.data_ptr() if wt is not None else None, sums.data_ptr(),
             b, k, h, w, oh, ow, int(ignore_index), torch.get_num_threads()), "forward")
         loss_sum, weight_sum = float(sums[0]), float(sums[1])
-        ctx.save_for_backward(rows, tgt, wt) if wt is not None else ctx.save_for_backward(rows, tgt)
+        ctx.save_for_backward(rows, tgt, wt)
         ctx.meta = (b, k, h, w, oh, ow, int(ignore_index), weight_sum)
         # PyTorch's mean: 0 / 0 = nan when every pixel is ignored
         return logits.new_tensor(loss_sum / weight_sum if weight_sum > 0 else float("nan"))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        saved = ctx.saved_tensors
-        rows, tgt = saved[0], saved[1]
-        wt = saved[2] if len(saved) > 2 else None
+        rows, tgt, wt = ctx.saved_tensors
         b, k, h, w, oh, ow, ignore, weight_sum = ctx.meta
         dlogits = torch.empty((b, k, h, w), dtype=rows.dtype, memory_format=torch.channels_last)
         g = float(grad) / weight_sum if weight_sum > 0 else float("nan")

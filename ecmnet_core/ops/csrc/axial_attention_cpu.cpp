@@ -335,6 +335,15 @@ int run(const Problem& pr, int threads) {
     return b.qb == 6 ? run_blocked<6, 2>(pr, threads) : run_blocked<4, 4>(pr, threads);
 }
 
+// The entry points' checks (1: invalid sizes, 2: null pointer; an empty problem is done), then the run.
+// needs_lse: the training forward, whose lse output must be given.
+int checked_run(const Problem& pr, bool needs_lse, int threads) {
+    if (pr.batch < 0 || pr.h < 0 || pr.w < 0 || pr.dk < 1 || pr.c < 1 || pr.ldqk < pr.dk || pr.ldv < pr.c) return 1;
+    if (pr.batch == 0 || pr.h == 0 || pr.w == 0) return 0;
+    if (!pr.q || !pr.k || !pr.v || !pr.out || (needs_lse && !pr.lse)) return 2;
+    return run(pr, threads);
+}
+
 }  // namespace
 
 extern "C" {
@@ -365,11 +374,7 @@ int ecmnet_axial_attention(const float* q, const float* k, const float* v, float
 int ecmnet_axial_attention_strided(const float* q, const float* k, const float* v, float* out, int64_t batch,
                                    int64_t dk, int64_t c, int64_t h, int64_t w, int64_t ldqk, int64_t ldv,
                                    float scale, int threads) {
-    if (batch < 0 || h < 0 || w < 0 || dk < 1 || c < 1 || ldqk < dk || ldv < c) return 1;
-    if (batch == 0 || h == 0 || w == 0) return 0;
-    if (!q || !k || !v || !out) return 2;
-    const Problem pr{q, k, v, out, batch, dk, c, h, w, scale * LOG2E, ldqk, ldv};
-    return run(pr, threads);
+    return checked_run({q, k, v, out, batch, dk, c, h, w, scale * LOG2E, ldqk, ldv}, false, threads);
 }
 
 // Training forward: ecmnet_axial_attention, and lse (2, batch, h, w) written with each query's log2-sum-exp2 of its
@@ -377,12 +382,7 @@ int ecmnet_axial_attention_strided(const float* q, const float* k, const float* 
 // (axial_attention_backward_cpu.cpp) needs to rebuild the softmax.
 int ecmnet_axial_attention_lse(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
                                int64_t dk, int64_t c, int64_t h, int64_t w, float scale, int threads) {
-    if (batch < 0 || h < 0 || w < 0 || dk < 1 || c < 1) return 1;
-    if (batch == 0 || h == 0 || w == 0) return 0;
-    if (!q || !k || !v || !out || !lse) return 2;
-    Problem pr{q, k, v, out, batch, dk, c, h, w, scale * LOG2E, dk, c};
-    pr.lse = lse;
-    return run(pr, threads);
+    return checked_run({q, k, v, out, batch, dk, c, h, w, scale * LOG2E, dk, c, lse}, true, threads);
 }
 
 }  // extern "C"

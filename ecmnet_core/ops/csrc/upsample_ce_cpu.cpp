@@ -77,16 +77,25 @@ void pad_rows(const Problem& pr, i64 n, float* rows) {
     }
 }
 
-// z (kp floats) = the interpolated logits at output pixel (y, x).
-inline void interpolate(const float* rows, i64 w, i64 kp, const Axis& ay, const Axis& ax, i64 y, i64 x, float* z) {
-    const float* r00 = rows + (ay.i0[y] * w + ax.i0[x]) * kp;
-    const float* r01 = rows + (ay.i0[y] * w + ax.i1[x]) * kp;
-    const float* r10 = rows + (ay.i1[y] * w + ax.i0[x]) * kp;
-    const float* r11 = rows + (ay.i1[y] * w + ax.i1[x]) * kp;
-    const float w00 = ay.l0[y] * ax.l0[x], w01 = ay.l0[y] * ax.l1[x], w10 = ay.l1[y] * ax.l0[x],
-                w11 = ay.l1[y] * ax.l1[x];
+// The four low-resolution pixels output pixel (y, x) interpolates (row offsets into the padded rows; at the borders
+// some coincide) and their bilinear weights.
+struct Corners {
+    i64 at[4];
+    float wt[4];
+};
+
+inline Corners corners(const Axis& ay, const Axis& ax, i64 y, i64 x, i64 w, i64 kp) {
+    return {{(ay.i0[y] * w + ax.i0[x]) * kp, (ay.i0[y] * w + ax.i1[x]) * kp, (ay.i1[y] * w + ax.i0[x]) * kp,
+             (ay.i1[y] * w + ax.i1[x]) * kp},
+            {ay.l0[y] * ax.l0[x], ay.l0[y] * ax.l1[x], ay.l1[y] * ax.l0[x], ay.l1[y] * ax.l1[x]}};
+}
+
+// z (kp floats) = the interpolated logits at the pixel of cn.
+inline void interpolate(const float* rows, const Corners& cn, i64 kp, float* z) {
+    const float *r0 = rows + cn.at[0], *r1 = rows + cn.at[1], *r2 = rows + cn.at[2], *r3 = rows + cn.at[3];
     for (i64 j = 0; j < kp; j += VL)
-        vstore(z + j, vload(r00 + j) * w00 + vload(r01 + j) * w01 + vload(r10 + j) * w10 + vload(r11 + j) * w11);
+        vstore(z + j, vload(r0 + j) * cn.wt[0] + vload(r1 + j) * cn.wt[1] + vload(r2 + j) * cn.wt[2] +
+                          vload(r3 + j) * cn.wt[3]);
 }
 
 // softmax numerators exp(z - max) of the k classes into e (padding lanes 0); returns their sum, sets zmax.
@@ -112,6 +121,23 @@ inline float exp_shifted(const float* z, i64 k, i64 kp, float* e, float& zmax) {
     float total = 0.0f;
     for (i64 l = 0; l < VL; ++l) total += sum[l];
     return total;
+}
+
+// For every counted pixel x of output row y (label tg[y * ow + x] neither ignored nor out of range): its logits
+// interpolated into z, their softmax numerators into e, then f(cls, corners, zmax, sum of e).
+template <class F>
+void for_counted_pixels(const Problem& pr, const int64_t* tg, const float* rows, const Axis& ay, const Axis& ax,
+                        i64 y, float* z, float* e, F&& f) {
+    const i64 kp = pr.kp();
+    for (i64 x = 0; x < pr.ow; ++x) {
+        const int64_t cls = tg[y * pr.ow + x];
+        if (cls == pr.ignore || cls < 0 || cls >= pr.k) continue;
+        const Corners cn = corners(ay, ax, y, x, pr.w, kp);
+        interpolate(rows, cn, kp, z);
+        float zmax;
+        const float total = exp_shifted(z, pr.k, kp, e, zmax);
+        f(cls, cn, zmax, total);
+    }
 }
 
 }  // namespace
@@ -158,16 +184,12 @@ int ecmnet_upsample_ce_forward(const float* logits, const int64_t* target, const
             const int64_t* tg = target + img * oh * ow;
             for (i64 y = 0; y < oh; ++y) {
                 float row_loss = 0.0f, row_w = 0.0f;
-                for (i64 x = 0; x < ow; ++x) {
-                    const int64_t cls = tg[y * ow + x];
-                    if (cls == ignore || cls < 0 || cls >= k) continue;
-                    interpolate(rows.data(), w, kp, ay, ax, y, x, z.data());
-                    float zmax;
-                    const float total = exp_shifted(z.data(), k, kp, e.data(), zmax);
-                    const float wt = weight ? weight[cls] : 1.0f;
-                    row_loss += wt * (zmax + std::log(total) - z[cls]);
-                    row_w += wt;
-                }
+                for_counted_pixels(pr, tg, rows.data(), ay, ax, y, z.data(), e.data(),
+                                   [&](int64_t cls, const Corners&, float zmax, float total) {
+                                       const float wt = weight ? weight[cls] : 1.0f;
+                                       row_loss += wt * (zmax + std::log(total) - z[cls]);
+                                       row_w += wt;
+                                   });
                 loss += row_loss;
                 wsum += row_w;
             }
@@ -210,31 +232,20 @@ int ecmnet_upsample_ce_backward(const float* logits, const int64_t* target, cons
             std::fill(grad.begin(), grad.end(), 0.0f);
             const int64_t* tg = target + img * oh * ow;
             for (i64 y = 0; y < oh; ++y) {
-                for (i64 x = 0; x < ow; ++x) {
-                    const int64_t cls = tg[y * ow + x];
-                    if (cls == ignore || cls < 0 || cls >= k) continue;
-                    interpolate(rows.data(), w, kp, ay, ax, y, x, z.data());
-                    float zmax;
-                    const float total = exp_shifted(z.data(), k, kp, e.data(), zmax);
-                    const float c = g * (weight ? weight[cls] : 1.0f);
-                    // dz = c * (e / total - onehot); padding lanes of e are 0
-                    const float cs = c / total;
+                for_counted_pixels(pr, tg, rows.data(), ay, ax, y, z.data(), e.data(),
+                                   [&](int64_t cls, const Corners& cn, float, float total) {
+                    // dz = c * (e / total - onehot), c = g * w[cls]; padding lanes of e are 0
+                    const float cs = g * (weight ? weight[cls] : 1.0f) / total;
                     e[cls] -= total;  // e / total - 1 at the target, before scaling
-                    float* d00 = grad.data() + (ay.i0[y] * w + ax.i0[x]) * kp;
-                    float* d01 = grad.data() + (ay.i0[y] * w + ax.i1[x]) * kp;
-                    float* d10 = grad.data() + (ay.i1[y] * w + ax.i0[x]) * kp;
-                    float* d11 = grad.data() + (ay.i1[y] * w + ax.i1[x]) * kp;
-                    const float w00 = ay.l0[y] * ax.l0[x], w01 = ay.l0[y] * ax.l1[x], w10 = ay.l1[y] * ax.l0[x],
-                                w11 = ay.l1[y] * ax.l1[x];
                     for (i64 j = 0; j < kp; j += VL) {
                         const vf dz = vload(e.data() + j) * cs;
-                        // the four targets may coincide at the borders: update them one after another
-                        vstore(d00 + j, vload(d00 + j) + dz * w00);
-                        vstore(d01 + j, vload(d01 + j) + dz * w01);
-                        vstore(d10 + j, vload(d10 + j) + dz * w10);
-                        vstore(d11 + j, vload(d11 + j) + dz * w11);
+                        // the four corners may coincide at the borders: update them one after another
+                        for (int q = 0; q < 4; ++q) {
+                            float* d = grad.data() + cn.at[q] + j;
+                            vstore(d, vload(d) + dz * cn.wt[q]);
+                        }
                     }
-                }
+                });
             }
             float* dst = dlogits + img * h * w * k;
             for (i64 p = 0; p < h * w; ++p)
