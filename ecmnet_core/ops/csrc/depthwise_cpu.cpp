@@ -60,24 +60,19 @@ inline void tap_row(const float* __restrict__ s, const float* __restrict__ wv, f
     }
 }
 
-// dst rows [r0, r1) = bias + sum_uv w[u, v] * src shifted by sign * (ou, ov) (dx: sign -1, no bias).
-void correlate(const float* __restrict__ src, const float* __restrict__ wt, const float* __restrict__ bias,
-               float* __restrict__ dst, const Shape& s, int sign, i64 r0, i64 r1) {
+// dx rows [r0, r1) = sum_uv w[u, v] * dy shifted by (-ou, -ov).
+void input_grad(const float* __restrict__ dy, const float* __restrict__ wt, float* __restrict__ dx, const Shape& s,
+                i64 r0, i64 r1) {
     const i64 row = s.w * s.c;
     for (i64 r = r0; r < r1; ++r) {
         const i64 b = r / s.h, i = r % s.h;
-        float* __restrict__ o = dst + r * row;
-        if (bias) {
-            for (i64 j = 0; j < s.w; ++j) std::memcpy(o + j * s.c, bias, sizeof(float) * s.c);
-        } else {
-            std::memset(o, 0, sizeof(float) * row);
-        }
+        float* __restrict__ o = dx + r * row;
+        std::memset(o, 0, sizeof(float) * row);
         for (i64 u = 0; u < s.kh; ++u) {
-            const i64 ii = i + sign * (u * s.dh - s.ph);
+            const i64 ii = i - (u * s.dh - s.ph);
             if (ii < 0 || ii >= s.h) continue;
-            const float* __restrict__ srow = src + (b * s.h + ii) * row;
-            for (i64 v = 0; v < s.kw; ++v)
-                tap_row(srow, wt + (u * s.kw + v) * s.c, o, s.w, s.c, sign * (v * s.dw - s.pw));
+            const float* __restrict__ srow = dy + (b * s.h + ii) * row;
+            for (i64 v = 0; v < s.kw; ++v) tap_row(srow, wt + (u * s.kw + v) * s.c, o, s.w, s.c, -(v * s.dw - s.pw));
         }
     }
 }
@@ -132,7 +127,7 @@ int ecmnet_dw_backward(const float* dy, const float* x, const float* wt, float* 
         parallel(team, [&](int t, int n) {
             i64 lo, hi;
             split(s.rows(), t, n, lo, hi);
-            correlate(dy, wt, nullptr, dx, s, -1, lo, hi);
+            input_grad(dy, wt, dx, s, lo, hi);
         });
     }
     if (!dweight && !dbias) return 0;
