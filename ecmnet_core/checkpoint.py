@@ -37,6 +37,9 @@ class Checkpoint:
 
     ``mean``/``std`` are per-channel BGR statistics on the 0..255 scale; ``palette`` holds RGB triples.
     ``input_size`` is the (H, W) the model is meant to run at, or None for native resolution.
+    ``training_state`` (``last.pt`` only) resumes a run exactly; ``continuation`` (``best.pt`` and releases) is
+    the small record that lets a run go on from the release when its folder is gone: the position in the
+    schedule, the EMA's update count and, when ``state_dict`` holds EMA weights, the raw weights in fp16.
     """
 
     model_config: ModelConfig
@@ -51,6 +54,7 @@ class Checkpoint:
     dataset: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     training_state: dict[str, Any] | None = None
+    continuation: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -79,6 +83,7 @@ class Checkpoint:
             "dataset": self.dataset,
             "metadata": self.metadata,
             "training_state": self.training_state,
+            "continuation": self.continuation,
         }
 
     @classmethod
@@ -96,6 +101,7 @@ class Checkpoint:
                 ignore_index=int(data.get("ignore_index", 255)), input_size=data.get("input_size"),
                 class_weights=data.get("class_weights"), dataset=data.get("dataset", ""),
                 metadata=dict(data.get("metadata") or {}), training_state=data.get("training_state"),
+                continuation=data.get("continuation"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}: malformed checkpoint ({exc})") from exc

@@ -176,6 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cityscapes-export", default=None, metavar="DIR",
                         help="write official Cityscapes labelId PNGs here (for csEvalPixelLevelSemanticLabeling)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--compare-tta", action="store_true",
+                        help="evaluate without and with flip test-time augmentation and print both mIoUs and costs")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,16 +207,32 @@ def run(args: argparse.Namespace) -> int:
           f"input {desc['input_size']}, device {desc['device']}, backend {desc['backend']}, "
           f"scan {desc['scan_backend']}")
     print(f"dataset {info.name} split {args.split!r} at {args.data}: {len(samples)} images")
-    summary = evaluate_samples(segmenter, samples, info, batch_size=args.batch_size, workers=args.workers,
-                               progress=not args.no_progress, save_color=args.save_color,
-                               cityscapes_export=args.cityscapes_export)
-    print(format_summary(summary, info.class_names))
-    print(f"{summary['images']} images in {summary['seconds']:.1f} s")
+    modes = ("none", "flip") if args.compare_tta else (segmenter.config.tta,)
+    results = {}
+    for mode in modes:
+        segmenter.config.tta = mode  # the Segmenter's runner reads it per call
+        results[mode] = evaluate_samples(segmenter, samples, info, batch_size=args.batch_size,
+                                         workers=args.workers, progress=not args.no_progress,
+                                         save_color=args.save_color, cityscapes_export=args.cityscapes_export)
+        if len(modes) > 1:
+            print(f"-- tta {mode}")
+        print(format_summary(results[mode], info.class_names))
+        print(f"{results[mode]['images']} images in {results[mode]['seconds']:.1f} s (tta {mode})")
+    summary = results[modes[-1]]
+    if args.compare_tta:
+        plain, flip = results["none"], results["flip"]
+        ms = {m: 1000.0 * r["seconds"] / max(r["images"], 1) for m, r in results.items()}
+        print(f"tta comparison: mIoU {100 * plain['miou']:.2f} % without, {100 * flip['miou']:.2f} % with flip "
+              f"({100 * (flip['miou'] - plain['miou']):+.2f} points); {ms['none']:.0f} vs {ms['flip']:.0f} ms per "
+              f"image including loading ({ms['flip'] / max(ms['none'], 1e-9):.2f}x)")
     if args.json_out:
         out = dict(summary)
         out.update(checkpoint=desc["checkpoint"], checkpoint_hash=desc["checkpoint_hash"], model=desc["model"],
                    input_size=desc["input_size"], dataset=info.name, split=args.split, data=str(args.data),
-                   class_names=list(info.class_names))
+                   class_names=list(info.class_names), tta=modes[-1])
+        if args.compare_tta:
+            out["tta_none"] = {k: results["none"][k] for k in ("miou", "miou_framework", "pixel_accuracy",
+                                                               "per_class", "seconds", "images")}
         path = Path(args.json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2))

@@ -29,7 +29,7 @@ from ecmnet_core.checkpoint import (  # noqa: F401  (random_checkpoint & co. re-
 )
 from ecmnet_core.data.transforms import normalize_image
 from ecmnet_core.engines import ENGINES, OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
-from ecmnet_core.prediction import SegmenterRunner, predict_labels
+from ecmnet_core.prediction import TTA_MODES, SegmenterRunner, check_tta, predict_labels
 
 UNLABELED = 255
 #: Normalisation used for random-weight models (CamVid train+val statistics, BGR, 0..255).
@@ -59,6 +59,7 @@ class InferenceConfig:
     compile: bool = False
     cuda_graphs: bool = False
     jit: bool = True  # CPU with a fixed input_size: TorchScript trace (made during warm-up)
+    tta: str = "none"  # none | flip: also run the mirrored image and average the logits (2x the cost)
 
     @property
     def precision(self) -> str:
@@ -107,6 +108,7 @@ class Segmenter:
         if config.backend not in ENGINES:
             raise ValueError(f"inference backend {config.backend!r} is not available (choose {', '.join(ENGINES)})")
         self.device = resolve_device(config.device)
+        check_tta(config.tta)
         if config.precision != "fp32" and self.device.type != "cuda":
             raise ValueError(f"{config.precision} inference needs a CUDA device")
         self.checkpoint = self._load(config)
@@ -303,6 +305,9 @@ def add_segmenter_arguments(parser: argparse.ArgumentParser | argparse._Argument
                         help="torch backend: no inference rewrites (BN folding, classifier before the last upsampling)")
     parser.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model first")
     parser.add_argument("--no-jit", action="store_true", help="torch backend on CPU: no TorchScript trace")
+    parser.add_argument("--tta", default="none", choices=TTA_MODES,
+                        help="test-time augmentation: flip also runs the mirrored image and averages the logits "
+                             "(about 2x the cost; default none)")
 
 
 def inference_config_from_args(args: argparse.Namespace, **overrides) -> InferenceConfig:
@@ -313,6 +318,7 @@ def inference_config_from_args(args: argparse.Namespace, **overrides) -> Inferen
         input_size = tuple(args.input_size) if args.input_size else None
     values = dict(checkpoint=getattr(args, "checkpoint", None), device=args.device, fp16=args.fp16,
                   dtype=args.dtype, input_size=input_size, warmup=0, scan_backend=args.scan_backend,
-                  backend=args.backend, optimize=not args.no_optimize, compile=args.compile, jit=not args.no_jit)
+                  backend=args.backend, optimize=not args.no_optimize, compile=args.compile, jit=not args.no_jit,
+                  tta=getattr(args, "tta", "none"))
     values.update(overrides)
     return InferenceConfig(**values)

@@ -22,6 +22,7 @@ from ecmnet_core.engines import ENGINES
 from ecmnet_core.model import VARIANTS
 from ecmnet_core.ops.selective_scan import BACKENDS
 from ecmnet_core.points.painting import rigid_transform
+from ecmnet_core.prediction import TTA_MODES
 
 LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
 #: rcl_interfaces/ParameterType values (kept here so this module does not need rclpy).
@@ -85,6 +86,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("cuda_graphs", BOOL, False, CONFIGURE, "torch backend on CUDA: replay captured CUDA graphs"),
     ParamSpec("jit", BOOL, True, CONFIGURE, "torch backend on CPU with a fixed input_size: run a TorchScript "
               "trace of the model (made during warm-up); native-size input ([0, 0]) always runs eagerly"),
+    ParamSpec("tta", STRING, "none", CONFIGURE, "test-time augmentation: none, or flip (also run the mirrored image "
+              "and average the logits: about +1 point mIoU for twice the inference time)", choices=TTA_MODES),
     # ---- topics (configure)
     ParamSpec("image_topics", STRING_ARRAY, None, CONFIGURE,
               "several cameras served by one model: input topics, each camera's outputs go to "

@@ -573,7 +573,8 @@ def config_from_args(args: argparse.Namespace) -> LiveReplayConfig:
     params = {"checkpoint": cfg.checkpoint or "", "model": args.model or "", "device": cfg.device,
               "scan_backend": cfg.scan_backend or "", "channels_last": cfg.channels_last,
               "input_size": list(cfg.input_size) if cfg.input_size else None, "backend": cfg.backend,
-              "dtype": cfg.precision, "optimize": cfg.optimize, "compile": cfg.compile, "jit": cfg.jit}
+              "dtype": cfg.precision, "optimize": cfg.optimize, "compile": cfg.compile, "jit": cfg.jit,
+              "tta": cfg.tta}
     if args.num_classes:
         params["num_classes"] = args.num_classes
     return LiveReplayConfig(

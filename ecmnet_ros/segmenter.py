@@ -171,7 +171,7 @@ class SegmenterNode(LifecycleNode):
                                channels_last=get("channels_last"), input_size=tuple(size) if size else None,
                                warmup=get("warmup"), scan_backend=get("scan_backend") or None, backend=get("backend"),
                                dtype=get("dtype"), optimize=get("optimize"), compile=get("compile"),
-                               cuda_graphs=get("cuda_graphs"), jit=get("jit"))
+                               cuda_graphs=get("cuda_graphs"), jit=get("jit"), tta=get("tta"))
 
     def _publish_class_names(self, names: list[str]) -> None:
         desc = ParameterDescriptor(name=CLASS_NAMES, type=Parameter.Type.STRING_ARRAY.value, read_only=True,

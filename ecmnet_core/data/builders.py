@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ecmnet_core.data.classes import CAMVID, CITYSCAPES, DatasetInfo, load_classes_yaml
 from ecmnet_core.data.errors import DataError
 from ecmnet_core.data.io import Sample
-from ecmnet_core.data.layout import KINDS, UNION_SPLITS
+from ecmnet_core.data.layout import KINDS, UNION_SPLITS, keeps, parse_split
 from ecmnet_core.data.validate import validate_samples
 
 if TYPE_CHECKING:
@@ -177,7 +177,8 @@ def build_dataset(
     Args:
         kind: "camvid" | "cityscapes" | "folder" | "shards" | "auto" (see :func:`detect_kind`).
         root: dataset folder (for "shards": the shard folder or its index JSON).
-        split: split name; "trainval" is train + val.
+        split: split name; "trainval" is train + val; ``NAME:PREFIX`` / ``NAME:-PREFIX`` keep / drop the samples
+            whose name starts with PREFIX (comma-separated list), e.g. ``train:-0006R0`` (:func:`parse_split`).
         list_file: optional "image [label]" list overriding the layout's own file discovery.
         classes_yaml: class definition for "folder" (default ``root/classes.yaml``).
         validate: check every file up front (existence, readability, sizes, label values).
@@ -190,6 +191,22 @@ def build_dataset(
         kind = detect_kind(root)
     if kind not in KINDS:
         raise DataError(f"unknown dataset kind {kind!r}; expected one of {', '.join(KINDS)} or 'auto'")
+    try:
+        split_name, prefixes, exclude = parse_split(split)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if prefixes:
+        if kind == "shards" or list_file is not None:
+            raise DataError(f"split {split!r}: sequence filters apply to folder layouts, not to "
+                            f"{'shards' if kind == 'shards' else 'list files'}")
+        info, samples = build_dataset(kind, root, split_name, classes_yaml=classes_yaml, validate=False)
+        kept = [s for s in samples if keeps(s.stem, prefixes, exclude)]
+        if not kept:
+            raise DataError(f"{kind} split {split!r} at {root}: no sample name "
+                            f"{'is left without' if exclude else 'starts with'} {', '.join(prefixes)}")
+        if validate:
+            validate_samples(kept, info, f"{kind} split {split!r} at {root}")
+        return info, kept
     if kind == "shards":
         from ecmnet_core.data.shards import ShardReader
 

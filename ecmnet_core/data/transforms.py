@@ -69,6 +69,19 @@ def photometric_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+def blur_noise(image: np.ndarray, rng: np.random.Generator, p: float = 0.25) -> np.ndarray:
+    """Mild sensor degradation on BGR uint8: Gaussian blur (sigma 0.3-1.5) and Gaussian noise (std 2-8
+    grey levels), each with probability ``p``; what a different camera or a dirty lens does to a street."""
+    blur, noise = rng.random() < p, rng.random() < p
+    sigma, std = rng.uniform(0.3, 1.5), rng.uniform(2.0, 8.0)
+    if blur:
+        image = cv2.GaussianBlur(image, (0, 0), sigmaX=sigma)
+    if noise:
+        x = image.astype(np.float32) + rng.normal(0.0, std, image.shape).astype(np.float32)
+        image = np.clip(x, 0, 255).astype(np.uint8)
+    return image
+
+
 class TrainTransform:
     """Random scale, pad, random crop, horizontal flip, optional photometric jitter (LETNet framework order).
 
@@ -81,6 +94,7 @@ class TrainTransform:
             step 0.25); None draws it uniformly from the range.
         flip: random horizontal flip with p = 0.5.
         jitter: photometric distortion before normalisation.
+        blur_noise: mild Gaussian blur and noise (:func:`blur_noise`) after the jitter.
         base_scale: multiplies every scale factor (e.g. 0.5 for reduced-resolution CPU training).
     """
 
@@ -95,6 +109,7 @@ class TrainTransform:
         jitter: bool = False,
         base_scale: float = 1.0,
         scale_step: float | None = 0.25,
+        blur_noise: bool = False,
     ) -> None:
         if len(crop_size) != 2 or min(crop_size) <= 0:
             raise ValueError(f"crop_size must be (H, W) with positive values, got {crop_size}")
@@ -107,6 +122,7 @@ class TrainTransform:
         self.mean, self.std = list(mean), list(std)
         self.ignore_index = int(ignore_index)
         self.flip, self.jitter, self.base_scale = flip, jitter, float(base_scale)
+        self.blur_noise = blur_noise
         if scale_step:
             n = int(round((hi - lo) / scale_step))
             self.scales: np.ndarray | None = lo + scale_step * np.arange(n + 1)
@@ -141,11 +157,13 @@ class TrainTransform:
             image, label = image[:, ::-1], label[:, ::-1]
         if self.jitter:
             image = photometric_jitter(image, rng)
+        if self.blur_noise:
+            image = blur_noise(image, rng)
         return normalize_image(image, self.mean, self.std), _label_tensor(label)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(crop_size={self.crop_size}, scale_range={self.scale_range}, "
-                f"base_scale={self.base_scale}, flip={self.flip}, jitter={self.jitter})")
+                f"base_scale={self.base_scale}, flip={self.flip}, jitter={self.jitter}, blur_noise={self.blur_noise})")
 
 
 class EvalTransform:

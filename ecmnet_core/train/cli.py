@@ -83,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scan-backend", default=None, help="selective-scan backend: mamba, torch, reference")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    parser.add_argument("--no-plots", action="store_true", help="no loss.png / miou.png (no matplotlib needed)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -140,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        trainer = Trainer(config, run_dir, env, resume=args.resume, tensorboard=not args.no_tensorboard)
+        trainer = Trainer(config, run_dir, env, resume=args.resume, tensorboard=not args.no_tensorboard,
+                          plots=not args.no_plots)
         if trainer.path.keep_freed_memory:
             # process-wide, so here and not in the library's Trainer: this process only trains
             keep_freed_memory()

@@ -45,8 +45,13 @@ class DataSection:
     classes_yaml: str | None = None
     crop: tuple[int, int] = (360, 480)
     scale_range: tuple[float, float] = (0.75, 2.0)
+    #: draw the scale from min, min+step, ..., max (the framework's {0.75, ..., 2.0}); null: uniform in the range
+    scale_step: float | None = 0.25
     flip: bool = True
+    #: photometric distortion (brightness, contrast, saturation, hue; mmseg's PhotoMetricDistortion)
     jitter: bool = False
+    #: mild Gaussian blur and sensor noise, each with p = 0.25 (ecmnet_core.data.transforms.blur_noise)
+    blur_noise: bool = False
     #: every training image is first resized by this factor (0.5 trains a CamVid model at 180x240 "native")
     base_scale: float = 1.0
     #: validation images are resized by this factor; labels stay full size and logits are upsampled to them
@@ -60,6 +65,8 @@ class DataSection:
     cache: bool = True
     #: "enet" (1/ln(1.10+p) from the training data), "none", or an explicit list of K weights
     class_weights: Any = "enet"
+    #: the weights are raised to this power: 1 as given, 0.5 a milder weighting of the rare classes
+    class_weight_power: float = 1.0
 
 
 @dataclass
@@ -108,6 +115,14 @@ class TrainSection:
     #: "baseline" (fp32 NCHW, pure-PyTorch scan), for comparisons; both compute the same function
     path: str = "default"
     progress: bool = True
+    #: exponential moving average of the weights with this decay (0: off); validated, best.pt and releases hold it
+    ema_decay: float = 0.0
+    #: with train.init: when that checkpoint records a position in this same schedule (a release of this run),
+    #: continue there (iteration, learning rate, EMA) instead of starting a fresh schedule from its weights
+    continue_schedule: bool = True
+    #: after such a continuation the optimiser moments start from zero: ramp the learning rate up over this many
+    #: iterations so the first steps are not larger than the schedule's
+    rewarm_iters: int = 45
 
 
 @dataclass

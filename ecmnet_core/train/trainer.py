@@ -8,6 +8,7 @@ end, every ``checkpoint_every`` iterations, or on SIGINT/SIGTERM) continues exac
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -16,7 +17,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from ecmnet_core.evaluate import evaluate_samples
 from ecmnet_core.model import build_model, model_config
 from ecmnet_core.train.config import TrainConfig
 from ecmnet_core.train.distributed import DistEnv, any_rank, barrier, broadcast_object
+from ecmnet_core.train.ema import ModelEMA
 from ecmnet_core.train.losses import WeightedCrossEntropy
 from ecmnet_core.train.run_log import EpochRecord, RunLogger
 from ecmnet_core.train.schedule import WarmupPolyLR, effective_warmup
@@ -117,6 +119,7 @@ class Trainer:
             for tmp in remove_stale_temporaries(self.run_dir):  # left by a kill -9 during a save
                 print(f"removed stale temporary checkpoint {tmp}", file=sys.stderr)
         self.init_source: str | None = None
+        self.continued_from: str | None = None  # a release whose schedule this run goes on with
         self.resume_path = self._resume_path(resume)
         if self.resume_path is not None:
             self._load_training_state(self.resume_path)
@@ -155,7 +158,8 @@ class Trainer:
         self.train_set = SegmentationDataset(
             self.train_samples,
             TrainTransform(d.crop, self.stats.mean_bgr, self.stats.std_bgr, self.info.ignore_index,
-                           scale_range=d.scale_range, flip=d.flip, jitter=d.jitter, base_scale=d.base_scale),
+                           scale_range=d.scale_range, flip=d.flip, jitter=d.jitter, base_scale=d.base_scale,
+                           scale_step=d.scale_step, blur_noise=d.blur_noise),
             self.info, seed=self.config.train.seed, cache=d.cache)
         self.train_set.fill_cache()
         self.sampler = DistributedSampler(self.train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
@@ -170,13 +174,18 @@ class Trainer:
 
     def _class_weights(self) -> list[float] | None:
         spec, k = self.config.data.class_weights, self.info.num_classes
+        power = self.config.data.class_weight_power
+        if not power > 0:
+            raise ValueError(f"data.class_weight_power must be positive, got {power}")
         if spec in (None, "none", False):
             return None
         if spec == "enet":
-            return [float(w) for w in self.stats.class_weights]
-        if isinstance(spec, (list, tuple)) and len(spec) == k:
-            return [float(w) for w in spec]
-        raise ValueError(f"data.class_weights must be 'enet', 'none' or a list of {k} numbers, got {spec!r}")
+            weights = self.stats.class_weights
+        elif isinstance(spec, (list, tuple)) and len(spec) == k:
+            weights = spec
+        else:
+            raise ValueError(f"data.class_weights must be 'enet', 'none' or a list of {k} numbers, got {spec!r}")
+        return [float(w) ** power for w in weights]
 
     def _network_size(self) -> list[int]:
         """The (H, W) the model runs at after training: the first validation image's size times val_scale."""
@@ -221,6 +230,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.criterion = WeightedCrossEntropy(self.info.num_classes, self.class_weights,
                                               self.info.ignore_index).to(self.device)
+        if c.ema_decay < 0 or c.ema_decay >= 1:
+            raise ValueError(f"train.ema_decay must be 0 (off) or in (0, 1), got {c.ema_decay}")
+        self.ema = ModelEMA(self.model, c.ema_decay) if c.ema_decay > 0 else None
+        self._ema_model: nn.Module | None = None  # built on first validation
+        self.rewarm = (0, 0)  # (first, last) iteration of a learning-rate ramp after a continuation
+        #: (epoch, iteration, val mIoU) of every validation of the run, carried across continuations
+        self.history: list[list[float]] = []
 
         self.epoch = 0  # completed epochs
         self.iter_in_epoch = 0  # iterations done in the current (unfinished) epoch
@@ -247,13 +263,53 @@ class Trainer:
         return path
 
     def _load_init_weights(self, init: str) -> None:
-        """Warm start: model weights only; optimiser, schedule and counters start fresh."""
+        """Warm start: model weights only; optimiser, schedule and counters start fresh. When the checkpoint is a
+        release of this same schedule (``continuation`` with the same total and per-epoch iterations) and
+        ``train.continue_schedule`` is on, the run goes on from its position instead (:meth:`_continue_from`)."""
         path = None if init == "packaged" else Path(init)
         if path is not None and not path.is_file():
             raise CheckpointError(f"train.init {path}: no such checkpoint")
         ckpt = load_checkpoint(path, expect_classes=self.info.num_classes, expect_model=self.config.model.name)
-        load_state_into(self.model, ckpt, str(path or "packaged model"))
+        source = str(path or "packaged model")
         self.init_source = str(path or "packaged")
+        cont = ckpt.continuation
+        if self.config.train.continue_schedule and cont:
+            mismatch = [f"{key} {cont.get(key)} there, {mine} here" for key, mine in
+                        (("total_iters", self.total_iters), ("iters_per_epoch", self.iters_per_epoch))
+                        if cont.get(key) != mine]
+            if not mismatch:
+                self._continue_from(ckpt, source)
+                return
+            if self.env.is_main:
+                print(f"train.init {source}: its schedule differs ({'; '.join(mismatch)}): warm start from its "
+                      "weights with a fresh schedule", file=sys.stderr)
+        load_state_into(self.model, ckpt, source)
+
+    def _continue_from(self, ckpt: Checkpoint, source: str) -> None:
+        """Go on with a run from its release: weights, EMA, iteration (hence learning rate), epoch, best mIoU and
+        validation history. The optimiser moments and the RNG state are not in a release: Adam restarts from zero
+        moments behind a ``train.rewarm_iters`` learning-rate ramp, and the data order, seeded by (seed, epoch), is
+        the uninterrupted run's."""
+        cont = ckpt.continuation or {}
+        raw = cont.get("raw_weights")
+        weights = {k: v.float() if v.is_floating_point() else v for k, v in raw.items()} if raw else ckpt.state_dict
+        load_state_into(self.model, replace(ckpt, state_dict=weights), source)
+        if self.ema is not None:
+            # the release's weights are the EMA's when the run had one; else the average starts from them
+            self.ema.load_state_dict({"weights": ckpt.state_dict, "updates": int(cont.get("ema_updates", 0))})
+        self.epoch = int(cont["epoch"])
+        self.global_iter = int(cont["global_iter"])
+        self.iter_in_epoch = 0
+        self.best_miou = float(cont.get("best_miou", -1.0))
+        self.best_epoch = int(cont.get("best_epoch", 0))
+        self.wall_time = float(cont.get("wall_time", 0.0))
+        self.history = [list(map(float, row)) for row in cont.get("history", [])]
+        sched = self.scheduler.state_dict()
+        sched.update(last_epoch=self.global_iter, _step_count=self.global_iter + 1)
+        self.scheduler.load_state_dict(sched)
+        self.rewarm = (self.global_iter, self.global_iter + max(0, self.config.train.rewarm_iters))
+        self._apply_rewarm(self.global_iter)
+        self.continued_from = source
 
     def _load_training_state(self, path: Path) -> None:
         ckpt = load_checkpoint(path, expect_classes=self.info.num_classes, expect_model=self.config.model.name)
@@ -284,6 +340,14 @@ class Trainer:
         self.epoch_loss_count = int(state.get("epoch_loss_count", 0))
         self.epoch_time = float(state.get("epoch_time", 0.0))
         self.last_val = state.get("last_val")
+        self.history = [list(map(float, row)) for row in state.get("history", [])]
+        self.rewarm = tuple(state.get("rewarm", (0, 0)))
+        self._apply_rewarm(self.global_iter)  # the scheduler's state restored the unramped rate
+        if self.ema is not None:
+            if "ema" not in state:
+                raise CheckpointError(f"{path} was trained without train.ema_decay; resume it without EMA or start "
+                                      "a new run folder with --init")
+            self.ema.load_state_dict(state["ema"])
         _set_rng_state(state["rng"])
 
     def _training_state(self) -> dict[str, Any]:
@@ -304,20 +368,38 @@ class Trainer:
             "epoch_loss_count": self.epoch_loss_count,
             "epoch_time": self.epoch_time,
             "last_val": self.last_val,
+            "history": self.history,
+            "rewarm": list(self.rewarm),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             "data_order": {"seed": self.config.train.seed, "sampler": "DistributedSampler(shuffle, seed, epoch)",
                            "augmentation": "default_rng((seed, epoch, index))"},
         }
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def make_checkpoint(self, with_state: bool) -> Checkpoint:
-        state_dict = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        """``last.pt`` (``with_state``): the raw weights and everything to resume exactly. ``best.pt``: the weights
+        that were validated (the EMA's when on) and the small ``continuation`` record releases keep."""
+        live = self.model.state_dict()
+        raw = {k: v.detach().cpu().clone() for k, v in live.items()}
         # SyncBatchNorm has the same state-dict keys as BatchNorm2d, so checkpoints load into plain models
+        state_dict = raw if with_state or self.ema is None else self.ema.weights(like=live)
+        continuation = None
+        if not with_state:
+            continuation = {
+                "epoch": self.epoch, "global_iter": self.global_iter, "total_iters": self.total_iters,
+                "iters_per_epoch": self.iters_per_epoch, "best_miou": self.best_miou, "best_epoch": self.best_epoch,
+                "wall_time": self.wall_time, "history": self.history,
+                "lr": float(self.optimizer.param_groups[0]["lr"]),
+            }
+            if self.ema is not None:
+                continuation["ema_updates"] = self.ema.updates
+                continuation["raw_weights"] = {k: v.half() if v.is_floating_point() else v for k, v in raw.items()}
         return Checkpoint(
             model_config=self.model.config, state_dict=state_dict, class_names=list(self.info.class_names),
             palette=[list(c) for c in self.info.palette], mean=list(self.stats.mean_bgr),
             std=list(self.stats.std_bgr), ignore_index=self.info.ignore_index, input_size=list(self.input_size),
             class_weights=self.class_weights, dataset=self.info.name, metadata=self._metadata(),
-            training_state=self._training_state() if with_state else None)
+            training_state=self._training_state() if with_state else None, continuation=continuation)
 
     def _metadata(self) -> dict[str, Any]:
         hardware = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": str(torch.__version__),
@@ -410,8 +492,14 @@ class Trainer:
 
     def _print_header(self) -> None:
         c, d = self.config, self.config.data
-        resumed = f", resumed from {self.resume_path} at epoch {self.epoch} iteration {self.global_iter}" \
-            if self.resume_path else (f", warm start from {self.init_source}" if self.init_source else "")
+        if self.resume_path:
+            resumed = f", resumed from {self.resume_path} at epoch {self.epoch} iteration {self.global_iter}"
+        elif self.continued_from:
+            resumed = (f", continuing the schedule of {self.continued_from} at epoch {self.epoch} iteration "
+                       f"{self.global_iter} (lr {self.optimizer.param_groups[0]['lr']:.2e}, EMA restored, optimiser "
+                       f"moments restart behind a {self.rewarm[1] - self.rewarm[0]}-iteration ramp)")
+        else:
+            resumed = f", warm start from {self.init_source}" if self.init_source else ""
         params = sum(p.numel() for p in self.model.parameters())
         print(f"train {c.model.name} ({params:,} params) on {self.info.name} {self.kind} {d.root}: "
               f"{len(self.train_samples)} train / {len(self.val_samples)} val images, crop {d.crop[0]}x{d.crop[1]}, "
@@ -487,9 +575,12 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if self.ema is not None:
+                    self.ema.update(self.model)
                 self.epoch_loss_sum += float(loss.detach())
                 self.epoch_loss_count += 1
             self.scheduler.step()
+            self._apply_rewarm(self.global_iter + 1)
             self.global_iter += 1
             self.iter_in_epoch += 1
             loss_value = float(loss.detach())
@@ -533,6 +624,7 @@ class Trainer:
             record.val_miou = _nan(self.last_val["miou"])
             record.val_miou_framework = _nan(self.last_val["miou_framework"])
             record.pixel_acc = _nan(self.last_val["pixel_accuracy"])
+            self.history.append([float(record.epoch), float(self.global_iter), record.val_miou])
             improved = not math.isnan(record.val_miou) and record.val_miou > self.best_miou
             if improved:
                 self.best_miou, self.best_epoch = record.val_miou, record.epoch
@@ -579,11 +671,29 @@ class Trainer:
             msg += "  [best]" if improved else f"  (best {100 * self.best_miou:.2f}% @ {self.best_epoch})"
         print(msg, file=sys.stderr)
 
+    def _apply_rewarm(self, step: int) -> None:
+        """Scale the scheduled learning rate of iteration ``step`` (0-based) by a linear ramp while it is inside
+        ``self.rewarm`` (after a continuation); the scheduler recomputes the rate from scratch every iteration."""
+        first, last = self.rewarm
+        if first <= step < last:
+            ramp = (step - first + 1) / (last - first + 1)
+            for group in self.optimizer.param_groups:
+                group["lr"] *= ramp
+
+    def eval_model(self) -> nn.Module:
+        """The model that is validated and saved as ``best.pt``: the EMA's weights when on, else the live model."""
+        if self.ema is None:
+            return self.model
+        if self._ema_model is None:
+            self._ema_model = copy.deepcopy(self.model)
+        self._ema_model.load_state_dict(self.ema.weights(like=self.model.state_dict()))
+        return self._ema_model
+
     def validate(self) -> dict[str, Any]:
         """Standard/framework mIoU on the validation split at ``data.val_scale`` (labels at full size),
-        sharded over ranks and all-reduced."""
+        sharded over ranks and all-reduced; the EMA's weights when ``train.ema_decay`` is on."""
         d = self.config.data
-        return evaluate_samples(self.model, self.val_samples, self.info, mean=self.stats.mean_bgr,
+        return evaluate_samples(self.eval_model(), self.val_samples, self.info, mean=self.stats.mean_bgr,
                                 std=self.stats.std_bgr, scale=d.val_scale,
                                 amp=self.amp, workers=min(d.workers, 2), rank=self.env.rank,
                                 world_size=self.env.world_size,

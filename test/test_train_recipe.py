@@ -1,0 +1,169 @@
+"""The long-run recipe: EMA of the weights, continuing a schedule from a release when the run folder is gone,
+augmentations for unseen streets, sequence-filtered splits and milder class weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from test_train_fixtures import make_camvid
+from test_train_loop import assert_same_weights, tiny
+
+from ecmnet_core.checkpoint import load_checkpoint
+from ecmnet_core.data import DataError, build_dataset
+from ecmnet_core.data.layout import keeps, parse_split
+from ecmnet_core.data.transforms import TrainTransform, blur_noise
+from ecmnet_core.release import release_checkpoint
+from ecmnet_core.train.ema import ModelEMA
+from ecmnet_core.train.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def camvid(tmp_path_factory):
+    return make_camvid(tmp_path_factory.mktemp("data") / "camvid", n_train=6, n_val=2)
+
+
+def ema_recipe(root, *extra):
+    """4 epochs of 3 iterations, EMA on, validated after epochs 2 and 4."""
+    return tiny(root, "train.ema_decay=0.9", "train.val_every=2", *extra)
+
+
+def test_ema_update_is_the_documented_average():
+    model = torch.nn.BatchNorm2d(3)
+    ema = ModelEMA(model, decay=0.9)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.running_mean.add_(2.0)
+    model.num_batches_tracked += 5
+    ema.update(model)  # first update: d = min(0.9, 1/10) = 0.1
+    assert torch.allclose(ema.state["weight"], 0.1 * start["weight"] + 0.9 * model.weight.detach())
+    assert torch.allclose(ema.state["running_mean"], 0.1 * start["running_mean"] + 0.9 * model.running_mean)
+    assert int(ema.state["num_batches_tracked"]) == 5  # integer buffers are copied
+    for _ in range(200):
+        ema.update(model)
+    assert ema.current_decay() == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(model, decay=1.0)
+
+
+def test_ema_run_validates_and_saves_the_average_and_resumes_it_exactly(camvid, tmp_path):
+    ref = Trainer(ema_recipe(camvid), tmp_path / "ref", tensorboard=False, plots=False)
+    ref.fit()
+    best = load_checkpoint(tmp_path / "ref" / "best.pt")
+    last = load_checkpoint(tmp_path / "ref" / "last.pt")
+    ema_weights = ref.ema.weights(like=ref.model.state_dict())
+    assert_same_weights(best.state_dict, ema_weights)  # best.pt holds the validated (EMA) weights
+    assert_same_weights(last.state_dict, dict(ref.model.state_dict()))  # last.pt the raw ones, EMA in its state
+    assert last.training_state["ema"]["updates"] == 12
+    assert not all(torch.equal(best.state_dict[k], last.state_dict[k]) for k in best.state_dict)
+
+    # kill mid-run, resume: the EMA continues exactly like the uninterrupted run's
+    first = Trainer(ema_recipe(camvid), tmp_path / "cut", tensorboard=False, plots=False)
+
+    def kill_in_fifth_iteration(optimizer, args, kwargs):
+        if first.global_iter == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first.optimizer.register_step_post_hook(kill_in_fifth_iteration)
+    assert first.fit().stopped == "signal"
+    resumed = Trainer(ema_recipe(camvid), tmp_path / "cut", resume="auto", tensorboard=False, plots=False)
+    assert resumed.ema.updates == 5
+    resumed.fit()
+    assert_same_weights(resumed.ema.weights(), ref.ema.weights())
+
+
+def test_a_run_continues_from_its_release_when_the_folder_is_gone(camvid, tmp_path):
+    run = tmp_path / "run"
+    first = Trainer(ema_recipe(camvid), run, tensorboard=False, plots=False)
+
+    def stop_after_second_epoch(optimizer, args, kwargs):
+        if first.global_iter == 6:  # the first step of epoch 3, after epoch 2's validation wrote best.pt
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first.optimizer.register_step_post_hook(stop_after_second_epoch)
+    first.fit()
+    release = release_checkpoint(run / "best.pt", tmp_path / "release.pt")
+    shutil.rmtree(run)  # a new machine: only the release survives
+
+    released = load_checkpoint(release)
+    assert released.training_state is None
+    cont = released.continuation
+    assert (cont["epoch"], cont["global_iter"], cont["total_iters"], cont["iters_per_epoch"]) == (2, 6, 12, 3)
+    assert cont["ema_updates"] == 6 and len(cont["history"]) == 1 and cont["history"][0][:2] == [2.0, 6.0]
+
+    again = Trainer(ema_recipe(camvid, f"train.init={release}", "train.rewarm_iters=3"), tmp_path / "new",
+                    tensorboard=False, plots=False)
+    assert (again.epoch, again.global_iter, again.continued_from) == (2, 6, str(release))
+    assert again.best_miou == pytest.approx(cont["best_miou"])
+    scheduled = again.config.optim.lr * again.scheduler.factor(6)
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(scheduled / 4)  # ramp step 1 of 3 (+1)
+    assert_same_weights(again.ema.weights(), released.state_dict)
+    raw = {k: v.float() if v.is_floating_point() else v for k, v in cont["raw_weights"].items()}
+    live = again.model.state_dict()
+    assert all(torch.equal(live[k], raw[k]) for k in raw)
+    result = again.fit()
+    assert result.iterations == 12 and result.epochs_done == 4
+    # after the ramp the rate is the schedule's again
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(again.config.optim.lr * again.scheduler.factor(12))
+    # the validation history goes on from the release's: epoch 2 (before the move), epoch 4 (after)
+    assert [h[:2] for h in again.history] == [[2.0, 6.0], [4.0, 12.0]]
+
+
+def test_a_release_of_another_schedule_is_a_plain_warm_start(camvid, tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(ema_recipe(camvid), run, tensorboard=False, plots=False).fit()
+    other = Trainer(ema_recipe(camvid, "train.epochs=6", f"train.init={run / 'best.pt'}"), tmp_path / "b",
+                    tensorboard=False, plots=False)
+    assert other.global_iter == 0 and other.continued_from is None
+    assert "schedule differs (total_iters 12 there, 18 here)" in capsys.readouterr().err
+    fresh = Trainer(ema_recipe(camvid, f"train.init={run / 'best.pt'}", "train.continue_schedule=false"),
+                    tmp_path / "c", tensorboard=False, plots=False)
+    assert fresh.global_iter == 0
+    assert_same_weights(dict(fresh.model.state_dict()), load_checkpoint(run / "best.pt").state_dict)
+
+
+def test_milder_class_weights_are_a_power_of_the_enet_weights(camvid, tmp_path):
+    enet = Trainer(tiny(camvid), tmp_path / "a", tensorboard=False, plots=False).class_weights
+    mild = Trainer(tiny(camvid, "data.class_weight_power=0.5"), tmp_path / "b", tensorboard=False,
+                   plots=False).class_weights
+    assert mild == pytest.approx([w ** 0.5 for w in enet])
+
+
+def test_sequence_filters_hold_a_street_out(tmp_path):
+    root = make_camvid(tmp_path / "cv", n_train=4, n_val=1)
+    for i, p in enumerate(sorted((root / "train").glob("*.png"))):  # two "sequences": seqA_, seqB_
+        seq = "seqA" if i < 3 else "seqB"
+        p.rename(p.with_name(f"{seq}_{p.name}"))
+        (root / "trainannot" / p.name).rename(root / "trainannot" / f"{seq}_{p.name}")
+    assert parse_split("train:-seqB,seqC") == ("train", ("seqB", "seqC"), True)
+    assert keeps("seqA_1", ("seqB",), True) and not keeps("seqA_1", ("seqB",), False)
+    _, without = build_dataset("camvid", root, "train:-seqB")
+    _, only = build_dataset("camvid", root, "train:seqB")
+    assert [s.stem[:4] for s in without] == ["seqA"] * 3 and [s.stem[:4] for s in only] == ["seqB"]
+    with pytest.raises(DataError, match="no sample name starts with seqZ"):
+        build_dataset("camvid", root, "train:seqZ")
+    with pytest.raises(DataError, match="expected NAME:PREFIX"):
+        build_dataset("camvid", root, "train:")
+
+
+def test_unseen_street_augmentations_keep_shapes_and_are_seeded():
+    rng_image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    a = blur_noise(rng_image, np.random.default_rng(5), p=1.0)
+    b = blur_noise(rng_image, np.random.default_rng(5), p=1.0)
+    assert a.shape == rng_image.shape and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(a, rng_image)
+    assert np.array_equal(blur_noise(rng_image, np.random.default_rng(5), p=0.0), rng_image)
+    label = np.zeros((40, 60), np.uint8)
+    t = TrainTransform((24, 32), [0, 0, 0], [1, 1, 1], 11, scale_range=(0.5, 2.0), scale_step=None, jitter=True,
+                       blur_noise=True)
+    image, lab = t(rng_image, label, np.random.default_rng(1))
+    assert image.shape == (3, 24, 32) and lab.shape == (24, 32)
+    again, _ = t(rng_image, label, np.random.default_rng(1))
+    assert torch.equal(image, again)
