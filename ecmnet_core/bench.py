@@ -36,10 +36,10 @@ from ecmnet_core.benchmarking import (
     disturbance_note,
     environment,
     peak_extra_bytes,
-    resolve_device,
     time_fn,
 )
 from ecmnet_core.checkpoint import CheckpointError
+from ecmnet_core.device import resolve_device
 from ecmnet_core.model import VARIANTS, build_model
 from ecmnet_core.ops.selective_scan import (
     BACKENDS,

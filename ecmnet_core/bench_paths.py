@@ -25,11 +25,18 @@ import torch
 from torch import Tensor
 
 from ecmnet_core.benchmarking import disturbance_note, environment, time_interleaved
-from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, file_sha256, load_checkpoint
+from ecmnet_core.checkpoint import (
+    DEFAULT_CHECKPOINT,
+    Checkpoint,
+    file_sha256,
+    load_checkpoint,
+    random_checkpoint,
+    random_checkpoint_hash,
+)
 from ecmnet_core.data.builders import IMAGE_EXTENSIONS, image_files
+from ecmnet_core.device import resolve_device
 from ecmnet_core.engines import OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
 from ecmnet_core.evaluate import Preprocess
-from ecmnet_core.inference import random_checkpoint, random_checkpoint_hash, resolve_device
 from ecmnet_core.model.attention import set_attention_backend
 
 BASELINE = "eager"

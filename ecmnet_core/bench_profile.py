@@ -21,7 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ecmnet_core.bench_paths import PATHS, bench_checkpoint, build_path
-from ecmnet_core.benchmarking import environment, resolve_device
+from ecmnet_core.benchmarking import environment
+from ecmnet_core.device import resolve_device
 
 
 @dataclass

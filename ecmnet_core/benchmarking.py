@@ -18,7 +18,7 @@ import torch
 from ecmnet_core.allocator import MIB, malloc_trim, pin_mmap_threshold
 
 __all__ = ["MIB", "Timing", "cpu_peak_supported", "disturbance_note", "environment", "peak_extra_bytes",
-           "percentile", "resolve_device", "time_fn", "time_interleaved"]
+           "percentile", "time_fn", "time_interleaved"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # timing
@@ -152,18 +152,6 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
 
 # ---------------------------------------------------------------------------------------------------------------
 # environment
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; an unavailable cuda request is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu, cuda and cuda:N are supported")
-    return device
 
 
 def environment(device: torch.device) -> dict:

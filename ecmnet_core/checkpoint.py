@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import torch
 from torch import nn
 
+from ecmnet_core.data.classes import default_palette
 from ecmnet_core.model import ECMNet, ModelConfig, build_model, model_config
 
 FORMAT = "ecmnet-checkpoint"
@@ -199,15 +198,6 @@ DEFAULT_MEAN = (105.658, 103.330, 99.625)
 DEFAULT_STD = (71.116, 71.676, 67.876)
 
 
-def default_palette(num_classes: int) -> list[list[int]]:
-    """Distinct RGB colours for class ids without a stored palette (golden-angle hues)."""
-    colours = []
-    for i in range(num_classes):
-        hsv = np.uint8([[[int(i * 137.508) % 180, 200, 230]]])
-        colours.append([int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0]])
-    return colours
-
-
 def random_checkpoint_hash(model: str, num_classes: int) -> str:
     """What stands for a checkpoint hash (logs, diagnostics, export cache keys) for random weights."""
     return f"random-{model}-{num_classes}"
@@ -218,5 +208,6 @@ def random_checkpoint(model: str, num_classes: int) -> Checkpoint:
     cfg = model_config(model, num_classes)
     torch.manual_seed(0)
     return Checkpoint(model_config=cfg, state_dict=build_model(cfg).state_dict(),
-                      class_names=[f"class_{i}" for i in range(num_classes)], palette=default_palette(num_classes),
+                      class_names=[f"class_{i}" for i in range(num_classes)],
+                      palette=[list(c) for c in default_palette(num_classes)],
                       mean=list(DEFAULT_MEAN), std=list(DEFAULT_STD), metadata={"random_weights": True})

@@ -16,13 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ecmnet_core.data import DatasetInfo, Sample, load_raw, trainid_to_labelid
+from ecmnet_core.data import DatasetInfo, Sample, bgr_lut, load_raw, trainid_to_labelid, write_image
 from ecmnet_core.metrics import ConfusionMatrix
 from ecmnet_core.prediction import (  # noqa: F401  (re-exported: the evaluation API)
     ModelRunner,
@@ -93,8 +92,7 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
     dirs = [Path(d) for d in (save_color, cityscapes_export) if d is not None]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    bgr_lut = np.zeros((256, 3), np.uint8)
-    bgr_lut[: info.num_classes] = info.palette_array()[:, ::-1]
+    colours = bgr_lut(info.palette)
 
     cm = ConfusionMatrix(info.num_classes, info.ignore_index)
     indices = range(rank, len(samples), world_size)
@@ -118,9 +116,10 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
                     labels = pred.to(torch.uint8).cpu().numpy()
                     stem = _stem(samples, index)
                     if save_color is not None:
-                        _write_png(Path(save_color) / f"{stem}.png", bgr_lut[labels])
+                        write_image(Path(save_color) / f"{stem}.png", colours[labels])
                     if cityscapes_export is not None:
-                        _write_png(Path(cityscapes_export) / f"{stem}_gtFine_labelIds.png", trainid_to_labelid(labels))
+                        write_image(Path(cityscapes_export) / f"{stem}_gtFine_labelIds.png",
+                                    trainid_to_labelid(labels))
             images += len(batch)
             if bar is not None:
                 bar.update(len(batch))
@@ -142,11 +141,6 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
     summary = cm.summary(info.class_names)
     summary.update(images=images, seconds=time.perf_counter() - start, confusion_matrix=cm.matrix.tolist())
     return summary
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), array):
-        raise OSError(f"cannot write {path}")
 
 
 def format_summary(summary: dict[str, Any], class_names: Sequence[str]) -> str:

@@ -21,18 +21,16 @@ from ecmnet_core.checkpoint import (  # noqa: F401  (random_checkpoint & co. re-
     DEFAULT_MEAN,
     DEFAULT_STD,
     Checkpoint,
-    default_palette,
     file_sha256,
     load_checkpoint,
     random_checkpoint,
     random_checkpoint_hash,
 )
+from ecmnet_core.data.classes import bgr_lut
 from ecmnet_core.data.transforms import normalize_image
+from ecmnet_core.device import resolve_device
 from ecmnet_core.engines import ENGINES, OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
 from ecmnet_core.prediction import TTA_MODES, SegmenterRunner, check_tta, predict_labels
-
-UNLABELED = 255
-#: Normalisation used for random-weight models (CamVid train+val statistics, BGR, 0..255).
 
 
 @dataclass
@@ -78,25 +76,6 @@ class SegmentationResult:
     confidence: np.ndarray | None = None
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an explicit CUDA device that is unavailable is an error."""
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"device {name!r} is not a valid torch device (use auto, cpu, cuda or cuda:N)") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
-    elif device.type != "cpu":
-        raise ValueError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
-    return device
-
-
 class Segmenter:
     """Loads a model once and segments BGR images (HxWx3 uint8) or mono8 images (HxW uint8).
 
@@ -125,8 +104,7 @@ class Segmenter:
         self.model = getattr(self.engine, "model", None)
         self.scan_backend = self.engine.scan_backend
         self._runner = SegmenterRunner(self)
-        self._bgr_lut = np.zeros((256, 3), np.uint8)  # label -> BGR colour; 255 (and unknown ids) stay black
-        self._bgr_lut[: self.num_classes] = self.palette[:, ::-1]
+        self._bgr_lut = bgr_lut(self.palette)  # 255 (and unknown ids) stay black
         if config.warmup and self.input_size is not None:
             dummy = np.zeros((*self.input_size, 3), np.uint8)
             for _ in range(config.warmup):

@@ -17,6 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ecmnet_core.data.io import write_image
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 
@@ -100,11 +102,6 @@ def _unique(stem: str, used: set[str]) -> str:
     return name
 
 
-def _write(path: Path, image: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f"cannot write {path}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ecmnet_core.inference import add_segmenter_arguments
 
@@ -148,9 +145,9 @@ def run(args: argparse.Namespace) -> int:
             labels = segment_images(segmenter, [image for _, image in batch])
             for (stem, image), lab in zip(batch, labels):
                 name = _unique(stem, used)
-                _write(out / f"{name}_labels.png", lab)
-                _write(out / f"{name}_color.png", segmenter.colorize(lab))
-                _write(out / f"{name}_overlay.png", segmenter.overlay(image, lab, args.alpha))
+                write_image(out / f"{name}_labels.png", lab)
+                write_image(out / f"{name}_color.png", segmenter.colorize(lab))
+                write_image(out / f"{name}_overlay.png", segmenter.overlay(image, lab, args.alpha))
             count += len(batch)
     except (InputError, OSError) as exc:
         print(f"predict: {exc}", file=sys.stderr)

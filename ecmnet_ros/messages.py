@@ -12,8 +12,6 @@ from std_msgs.msg import Float32MultiArray, MultiArrayDimension, MultiArrayLayou
 
 from ecmnet_core.image_messages import array_to_image
 
-UNLABELED = 255
-
 
 def labels_message(labels: np.ndarray, header):
     """(H, W) uint8 class ids -> mono8 ``Image`` with the input's header (255 = unlabeled)."""

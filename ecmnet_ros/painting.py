@@ -18,10 +18,10 @@ import numpy as np
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import PointCloud2
 
+from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.points.camera import CameraModel, CameraModelError
 from ecmnet_core.points.cloud import Cloud, CloudError, cloud_message, labeled_records, read_cloud
 from ecmnet_core.points.painting import (
-    UNLABELED,
     CloudMatcher,
     LabelFrame,
     Match,
@@ -30,6 +30,7 @@ from ecmnet_core.points.painting import (
     transform_from_quaternion,
 )
 from ecmnet_ros.params import LiveSettings
+from ecmnet_ros.runtime import stamp_ns
 from ecmnet_ros.stats import ErrorCounter, LatencyWindow
 
 POINTS_TOPIC = "points"
@@ -159,7 +160,7 @@ class PointPainter:
             return
         live: LiveSettings = self.node.live_settings
         self.matcher.configure(live.points_stamp_tolerance, live.points_wait)
-        stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+        stamp = stamp_ns(msg.header)
         self._paint_all(self.matcher.add_cloud((cloud, msg.header), stamp, time.monotonic()))
 
     def add_labels(self, camera: int, header: Any, labels: np.ndarray, confidence: np.ndarray | None,
@@ -174,7 +175,7 @@ class PointPainter:
         except CameraModelError as exc:
             self._bad("camera_info", f"camera {camera}: {exc}")
             return
-        stamp = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+        stamp = stamp_ns(header)
         frame = LabelFrame(stamp, labels, model, header.frame_id or camera_info.header.frame_id, confidence)
         self._paint_all(self.matcher.add_labels(camera, frame, time.monotonic()))
 

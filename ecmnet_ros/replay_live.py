@@ -39,7 +39,7 @@ from ecmnet_core.bags.reader import COMPRESSED_IMAGE, BagError, BagMessage, BagR
 from ecmnet_core.bags.replay import frame_names
 from ecmnet_core.bags.report import FrameRecord, LabelBagWriter, ReplayReport
 from ecmnet_core.image_messages import ImageConversionError, check_message, image_to_array
-from ecmnet_ros.runtime import Spinner, ros_context
+from ecmnet_ros.runtime import Spinner, ros_context, stamp_ns
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class LiveReplay:
 
     def _on_labels(self, msg: Image) -> None:
         received = time.perf_counter()
-        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        stamp = stamp_ns(msg.header)
         try:
             labels = image_to_array(msg)
         except ImageConversionError as exc:
@@ -268,7 +268,7 @@ class LiveReplay:
     def on_coverage(self, msg: DiagnosticArray) -> None:
         if self.report is None or not msg.status:
             return
-        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        stamp = stamp_ns(msg.header)
         index = {n: i for i, n in enumerate(self.report.class_names)}
         values = {kv.key: kv.value for kv in msg.status[0].values}
         if set(values) != set(index):  # coverage_classes restricts the list: compute it from the labels instead

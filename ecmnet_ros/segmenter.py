@@ -47,7 +47,7 @@ from ecmnet_ros import diagnostics as diag
 from ecmnet_ros.messages import bgr_message, coverage_array, coverage_stamped, labels_message, scale_camera_info
 from ecmnet_ros.painting import PointPainter, transform_source
 from ecmnet_ros.params import CLASS_NAMES, CONFIGURE, DOUBLE, INTEGER, PARAMS, SPECS, STARTUP, LiveSettings, validate
-from ecmnet_ros.runtime import Spinner
+from ecmnet_ros.runtime import Spinner, stamp_ns
 from ecmnet_ros.stats import ErrorCounter, LatencyWindow, LatestSlot, RateMeter
 from ecmnet_ros.topics import StreamTopics, plan_streams
 
@@ -449,9 +449,9 @@ class SegmenterNode(LifecycleNode):
         done = time.monotonic()
         stream.latency.add((done - frame.received) * 1000.0)
         stream.inference.add(result.inference_ms)
-        stamp_ns = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
-        if stamp_ns:
-            stream.stamp_age.add((self.get_clock().now().nanoseconds - stamp_ns) / 1e6)
+        stamp = stamp_ns(header)
+        if stamp:
+            stream.stamp_age.add((self.get_clock().now().nanoseconds - stamp) / 1e6)
         stream.output_rate.tick(done)
         stream.processed += 1
         stream.last_output = done

@@ -22,6 +22,7 @@ from ecmnet_core.bench import (
 )
 from ecmnet_core.benchmarking import cpu_peak_supported, peak_extra_bytes, percentile
 from ecmnet_core.cli import main
+from ecmnet_core.device import resolve_device
 from ecmnet_core.ops.selective_scan import available_backends, selective_scan_fn, selective_scan_textbook
 
 # one intra-op thread (conftest): on the shared 2-core machine OpenMP spinning makes 2 threads much slower
@@ -132,10 +133,10 @@ def test_bench_model_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="--size 8 48"):
         bench_model(ModelBenchConfig(size=(8, 48)))
     with pytest.raises(ValueError, match="only cpu, cuda"):
-        benchmarking.resolve_device("mps")
+        resolve_device("mps")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            benchmarking.resolve_device("cuda")
+            resolve_device("cuda")
 
 
 def test_bench_scan_tiny_all_methods() -> None:

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
+from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.points.camera import CameraModel, CameraModelError
 from ecmnet_core.points.cloud import CloudError, Field, cloud_message, labeled_records, read_cloud, xyz_records
 from ecmnet_core.points.painting import (
-    UNLABELED,
     CloudMatcher,
     LabelFrame,
     paint_points,

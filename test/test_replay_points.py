@@ -14,9 +14,9 @@ import ecmnet_core.bags.replay as replay_module
 from ecmnet_core.bags import BagError, BagFrame, BagReader, BagWriteConfig, write_image_bag
 from ecmnet_core.bags.replay import replay_offline
 from ecmnet_core.cli import main as cli
-from ecmnet_core.data.classes import CAMVID
+from ecmnet_core.data.classes import CAMVID, UNLABELED
 from ecmnet_core.inference import InferenceConfig, Segmenter
-from ecmnet_core.points.synthetic import UNLABELED, driving_scene
+from ecmnet_core.points.synthetic import driving_scene
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,9 +16,10 @@ pytestmark = [pytest.mark.ros, pytest.mark.filterwarnings("ignore:RANDOM WEIGHTS
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField  # noqa: E402
 
+from ecmnet_core.data.classes import UNLABELED  # noqa: E402
 from ecmnet_core.inference import SegmentationResult  # noqa: E402
 from ecmnet_core.points.cloud import cloud_message, read_cloud, xyz_records  # noqa: E402
-from ecmnet_core.points.synthetic import CAR, PEDESTRIAN, ROAD, SKY, UNLABELED, driving_scene  # noqa: E402
+from ecmnet_core.points.synthetic import CAR, PEDESTRIAN, ROAD, SKY, driving_scene  # noqa: E402
 from ecmnet_ros.runtime import TopicCollector, connected, make_header, stamp_ns, wait_for  # noqa: E402
 
 TIMEOUT = 20.0

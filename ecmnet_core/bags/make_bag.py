@@ -26,9 +26,9 @@ from ecmnet_core.bags.reader import (
     CUSTOM_PREFIX,
     IMAGE,
     POINT_CLOUD2,
-    UNLABELED,
     BagError,
 )
+from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.image_messages import array_to_compressed, array_to_image
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,6 @@ IMAGE_TYPES = (IMAGE, COMPRESSED_IMAGE)
 POINT_CLOUD2 = "sensor_msgs/msg/PointCloud2"
 CAMERA_INFO = "sensor_msgs/msg/CameraInfo"
 #: Label pixels with this value are unlabeled (the ROS label-image convention, see ros_notes §3.7).
-UNLABELED = 255
 #: Keys under which ``make-bag`` stores dataset facts in the bag's ``custom_data``.
 CUSTOM_PREFIX = "ecmnet."
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ecmnet_core.bags.reader import IMAGE, UNLABELED, BagError, BagReader
+from ecmnet_core.bags.reader import IMAGE, BagError, BagReader
+from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.metrics import ConfusionMatrix
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,9 @@ import yaml
 
 from ecmnet_core.data.errors import DataError
 
+#: The label id of a pixel without a class: the node's ``~/labels``, painted points, label bags.
+UNLABELED = 255
+
 
 @dataclass
 class DatasetInfo:
@@ -108,9 +111,9 @@ def trainid_to_labelid(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-#: Colours for folder datasets whose YAML has no palette (distinct, deterministic).
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """PASCAL-VOC style bit-interleaved palette: distinct colours for any K <= 256."""
+    """Colours (RGB) for classes without a stored palette (folder datasets, random-weight checkpoints): the
+    PASCAL-VOC bit-interleaved palette, distinct and deterministic for any K <= 256."""
     out = []
     for i in range(num_classes):
         r = g = b = 0
@@ -122,6 +125,15 @@ def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
             c >>= 3
         out.append((r, g, b))
     return out
+
+
+def bgr_lut(palette: Any) -> np.ndarray:
+    """(256, 3) uint8 lookup table class id -> BGR colour from an RGB ``palette`` (K x 3); ids >= K (255 =
+    unlabeled) stay black. ``bgr_lut(palette)[labels]`` colours a label image."""
+    rgb = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(rgb)] = rgb[:, ::-1]
+    return lut
 
 
 def load_classes_yaml(path: str | Path, name: str = "folder") -> DatasetInfo:
@@ -165,6 +177,7 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 __all__ = [
-    "CAMVID", "CITYSCAPES", "CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_TRAINID_TO_ID", "DatasetInfo",
-    "cityscapes_to_trainid", "dataset_info", "default_palette", "load_classes_yaml", "trainid_to_labelid",
+    "CAMVID", "CITYSCAPES", "CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_TRAINID_TO_ID", "UNLABELED", "DatasetInfo",
+    "bgr_lut", "cityscapes_to_trainid", "dataset_info", "default_palette", "load_classes_yaml",
+    "trainid_to_labelid",
 ]

@@ -102,3 +102,12 @@ def load_sample(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
             f"{image.shape[1]}x{image.shape[0]} (WxH)"
         )
     return image, label
+
+
+def write_image(path: str | Path, array: np.ndarray) -> Path:
+    """Write an image (PNG, JPEG ... by suffix) with cv2, creating the folder; OSError naming the file if it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"cannot write {path}")
+    return path

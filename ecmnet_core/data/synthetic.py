@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import yaml
 
-from ecmnet_core.data.classes import CAMVID, CITYSCAPES_TRAINID_TO_ID, DatasetInfo
+from ecmnet_core.data.classes import CAMVID, CITYSCAPES_TRAINID_TO_ID, DatasetInfo, bgr_lut
+from ecmnet_core.data.io import write_image
 
 
 def random_label(rng: np.random.Generator, size: tuple[int, int], num_classes: int, ignore_index: int,
@@ -30,16 +30,9 @@ def random_label(rng: np.random.Generator, size: tuple[int, int], num_classes: i
 
 def render_image(rng: np.random.Generator, label: np.ndarray, info: DatasetInfo, noise: float = 20.0) -> np.ndarray:
     """(H, W, 3) BGR uint8: each pixel the (RGB palette -> BGR) colour of its class plus Gaussian noise."""
-    lut = np.zeros((256, 3), dtype=np.float32)
-    lut[: info.num_classes] = info.palette_array()[:, ::-1]
+    lut = bgr_lut(info.palette).astype(np.float32)
     image = lut[label] + rng.normal(0, noise, label.shape + (3,))
     return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def _write(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), array):
-        raise OSError(f"cannot write {path}")
 
 
 def make_camvid(root: str | Path, splits: dict[str, int] | None = None, size: tuple[int, int] = (64, 96),
@@ -53,8 +46,8 @@ def make_camvid(root: str | Path, splits: dict[str, int] | None = None, size: tu
         for i in range(n):
             stem = f"0001TP_{split}{i:04d}"
             label = random_label(rng, size, CAMVID.num_classes, CAMVID.ignore_index)
-            _write(root / split / f"{stem}.png", render_image(rng, label, CAMVID))
-            _write(root / f"{split}annot" / f"{stem}.png", label)
+            write_image(root / split / f"{stem}.png", render_image(rng, label, CAMVID))
+            write_image(root / f"{split}annot" / f"{stem}.png", label)
             lines.append(f"/SegNet/CamVid/{split}/{stem}.png /SegNet/CamVid/{split}annot/{stem}.png")
         if list_files:
             (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
@@ -77,8 +70,8 @@ def make_cityscapes(root: str | Path, splits: dict[str, int] | None = None, size
             evaluated = CITYSCAPES_TRAINID_TO_ID[np.minimum(train, 18)]
             ids = np.where(train == 255, rng.choice(extra_ids, size=train.shape), evaluated).astype(np.uint8)
             image = render_image(rng, train, CITYSCAPES)
-            _write(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image)
-            _write(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", ids)
+            write_image(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image)
+            write_image(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", ids)
     return root
 
 
@@ -92,8 +85,8 @@ def make_folder(root: str | Path, names: list[str] | None = None, n: int = 3, si
     rng = np.random.default_rng(seed)
     for i in range(n):
         label = random_label(rng, size, len(names), ignore_index)
-        _write(root / "images" / f"img{i:03d}.jpg", render_image(rng, label, info))
-        _write(root / "labels" / f"img{i:03d}.png", label)
+        write_image(root / "images" / f"img{i:03d}.jpg", render_image(rng, label, info))
+        write_image(root / "labels" / f"img{i:03d}.png", label)
     spec = {"names": names, "ignore_index": ignore_index}
     if palette:
         spec["palette"] = [list(c) for c in info.palette]

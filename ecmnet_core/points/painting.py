@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.points.camera import CameraModel
-
-UNLABELED = 255
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.points.camera import CameraModel
 
 SKY, ROAD, CAR, PEDESTRIAN = 0, 3, 8, 9  # CamVid class ids
-UNLABELED = 255
 #: optical frame (x right, y down, z forward) <- LiDAR frame (REP-103: x forward, y left, z up)
 #: iterate cv2.undistortPoints to convergence (its default 5 iterations leave ~0.1 px at the corners)
 UNDISTORT = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-10)

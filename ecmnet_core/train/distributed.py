@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ecmnet_core.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -30,24 +32,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU. An unavailable ``cuda`` is an error."""
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise ValueError(f"device {name!r}: use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:

@@ -43,6 +43,7 @@ from ecmnet_core.data import (
     detect_kind,
     load_raw,
 )
+from ecmnet_core.device import resolve_device
 from ecmnet_core.evaluate import evaluate_samples
 from ecmnet_core.model import build_model, model_config
 from ecmnet_core.train.config import TrainConfig
@@ -87,8 +88,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, env: DistEnv | None = None,
                  resume: str | Path | None = None, tensorboard: bool = True, plots: bool = True) -> None:
-        from ecmnet_core.train.distributed import resolve_device
-
         self.config = config
         self.run_dir = Path(run_dir)
         self.env = env or DistEnv(device=resolve_device(config.train.device))
