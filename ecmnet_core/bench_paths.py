@@ -34,9 +34,9 @@ from ecmnet_core.checkpoint import (
     random_checkpoint_hash,
 )
 from ecmnet_core.data.builders import IMAGE_EXTENSIONS, image_files
+from ecmnet_core.data.transforms import Preprocess
 from ecmnet_core.device import resolve_device
 from ecmnet_core.engines import OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
-from ecmnet_core.evaluate import Preprocess
 from ecmnet_core.model.attention import set_attention_backend
 
 BASELINE = "eager"
@@ -191,7 +191,7 @@ def bench_paths(cfg: PathsBenchConfig) -> dict:
     agreement: dict[str, dict] = {}
     images = _images(cfg.agreement, cfg.agreement_limit) if cfg.agreement else []
     # read and pre-process the agreement images once, at the first size, for every path
-    inputs = _load_inputs(images, Preprocess(ckpt.mean, ckpt.std, cfg.sizes[0])) if images else []
+    inputs = _load_inputs(images, ckpt.preprocess(cfg.sizes[0])) if images else []
     for size in cfg.sizes:
         key = f"{size[0]}x{size[1]}"
         gen = torch.Generator().manual_seed(0)

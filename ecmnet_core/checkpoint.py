@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ecmnet_core.data.classes import default_palette
+from ecmnet_core.data.transforms import Preprocess
 from ecmnet_core.model import ECMNet, ModelConfig, build_model, model_config
 
 FORMAT = "ecmnet-checkpoint"
@@ -58,6 +59,13 @@ class Checkpoint:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def preprocess(self, input_size: tuple[int, int] | list[int] | None = None, scale: float = 1.0) -> Preprocess:
+        """This checkpoint's pre-processing (BGR uint8 image -> normalised RGB tensor): resize to ``input_size``
+        (H, W) (None: native, or by ``scale``), then normalise with the stored mean/std. The one place
+        pre-processing is made from a checkpoint: the Segmenter, eval, predict, replay and the benchmarks use it."""
+        size = (int(input_size[0]), int(input_size[1])) if input_size is not None else None
+        return Preprocess(list(self.mean), list(self.std), size, scale)
 
     def build_model(self, scan_backend: str | None = None) -> ECMNet:
         """The model with these weights; ``scan_backend`` overrides the stored selective-scan backend."""

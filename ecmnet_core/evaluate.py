@@ -22,16 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ecmnet_core.data import DatasetInfo, Sample, bgr_lut, load_raw, trainid_to_labelid, write_image
+from ecmnet_core.inference.pipeline import as_runner, predict_labels
 from ecmnet_core.metrics import ConfusionMatrix
-from ecmnet_core.prediction import (  # noqa: F401  (re-exported: the evaluation API)
-    ModelRunner,
-    Preprocess,
-    Runner,
-    SegmenterRunner,
-    as_runner,
-    predict_labels,
-    segment_images,
-)
 
 
 class _EvalItems(Dataset):
@@ -152,7 +144,7 @@ def format_summary(summary: dict[str, Any], class_names: Sequence[str]) -> str:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ecmnet_core.inference import add_segmenter_arguments
+    from ecmnet_core.inference.options import add_segmenter_arguments
 
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file (default: the packaged ecmnet_core/weights/ecmnet_camvid.pt)")
@@ -177,7 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ecmnet_core.checkpoint import CheckpointError
     from ecmnet_core.data import DataError, build_dataset
-    from ecmnet_core.inference import Segmenter, inference_config_from_args
+    from ecmnet_core.inference import Segmenter
+    from ecmnet_core.inference.options import inference_config_from_args
 
     if args.batch_size < 1 or args.workers < 0:
         print("eval: --batch-size must be >= 1 and --workers >= 0", file=sys.stderr)

@@ -103,7 +103,7 @@ def _unique(stem: str, used: set[str]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ecmnet_core.inference import add_segmenter_arguments
+    from ecmnet_core.inference.options import add_segmenter_arguments
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or video files")
     parser.add_argument("--out", required=True, help="output folder")
@@ -117,8 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ecmnet_core.checkpoint import CheckpointError
-    from ecmnet_core.evaluate import segment_images
-    from ecmnet_core.inference import Segmenter, inference_config_from_args
+    from ecmnet_core.inference import Segmenter
+    from ecmnet_core.inference.options import inference_config_from_args
+    from ecmnet_core.inference.pipeline import segment_images
 
     if not 0.0 <= args.alpha <= 1.0:
         print(f"predict: --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ecmnet_core.engines import ENGINES
+from ecmnet_core.inference.pipeline import TTA_MODES
 from ecmnet_core.model import VARIANTS
 from ecmnet_core.ops.selective_scan import BACKENDS
 from ecmnet_core.points.painting import rigid_transform
-from ecmnet_core.prediction import TTA_MODES
 
 LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
 #: rcl_interfaces/ParameterType values (kept here so this module does not need rclpy).

@@ -566,7 +566,7 @@ class LiveReplay:
 
 # ------------------------------------------------------------------------------------------------ CLI glue
 def config_from_args(args: argparse.Namespace) -> LiveReplayConfig:
-    from ecmnet_core.inference import inference_config_from_args
+    from ecmnet_core.inference.options import inference_config_from_args
 
     # the spawned node gets the model settings offline replay uses: the same options, read the same way
     cfg = inference_config_from_args(args)

@@ -16,8 +16,9 @@ from test_train_fixtures import make_camvid, make_checkpoint
 from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from ecmnet_core.cli import main
 from ecmnet_core.data import CITYSCAPES, CITYSCAPES_TRAINID_TO_ID, build_dataset, load_raw, normalize_image
-from ecmnet_core.evaluate import evaluate_samples, segment_images
+from ecmnet_core.evaluate import evaluate_samples
 from ecmnet_core.inference import InferenceConfig, Segmenter
+from ecmnet_core.inference.pipeline import segment_images
 
 SHARED = Path(os.environ.get("ECMNET_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
-from ecmnet_core.inference import InferenceConfig, Segmenter, random_checkpoint
+from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, random_checkpoint
+from ecmnet_core.inference import InferenceConfig, Segmenter
 from ecmnet_core.model import build_model
 from ecmnet_core.model.fuse import fold_batchnorm, optimize_for_inference
 from ecmnet_core.model.layers import adaptive_avg_pool

@@ -11,8 +11,9 @@ from test_train_fixtures import make_camvid, make_checkpoint
 
 from ecmnet_core.checkpoint import load_checkpoint
 from ecmnet_core.cli import main
+from ecmnet_core.data import Preprocess
 from ecmnet_core.inference import InferenceConfig, Segmenter
-from ecmnet_core.prediction import ModelRunner, Preprocess, tta_logits
+from ecmnet_core.inference.pipeline import ModelRunner, tta_logits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

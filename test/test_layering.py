@@ -122,7 +122,10 @@ def test_the_core_never_imports_the_ros_package():
                            "ecmnet_core.evaluate", "ecmnet_core.train", "ecmnet_core.bags")),
     ("ecmnet_core.engines", ("ecmnet_core.inference", "ecmnet_core.evaluate", "ecmnet_core.predict",
                              "ecmnet_core.bags", "ecmnet_core.train")),
-    ("ecmnet_core.prediction", ("ecmnet_core.inference", "ecmnet_core.evaluate", "ecmnet_core.engines")),
+    ("ecmnet_core.inference.pipeline", ("ecmnet_core.inference.segmenter", "ecmnet_core.inference.options",
+                                        "ecmnet_core.evaluate", "ecmnet_core.engines", "ecmnet_core.checkpoint")),
+    ("ecmnet_core.device", ("ecmnet_core.model", "ecmnet_core.ops", "ecmnet_core.data", "ecmnet_core.checkpoint",
+                            "ecmnet_core.engines", "ecmnet_core.inference", "ecmnet_core.train")),
     ("ecmnet_core.inference", ("ecmnet_core.evaluate", "ecmnet_core.predict", "ecmnet_core.bags",
                                "ecmnet_core.bench", "ecmnet_core.train")),
 ])

@@ -9,8 +9,8 @@ from test_train_fixtures import make_camvid, make_checkpoint
 
 from ecmnet_core.cli import main
 from ecmnet_core.data import CAMVID
-from ecmnet_core.evaluate import segment_images
 from ecmnet_core.inference import InferenceConfig, Segmenter
+from ecmnet_core.inference.pipeline import segment_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,8 +18,9 @@ from ecmnet_core.bags.reader import decode_label_message
 from ecmnet_core.bags.replay import replay_offline
 from ecmnet_core.cli import main as cli
 from ecmnet_core.data import DatasetInfo, Sample
-from ecmnet_core.evaluate import evaluate_samples, segment_images
+from ecmnet_core.evaluate import evaluate_samples
 from ecmnet_core.inference import InferenceConfig, Segmenter
+from ecmnet_core.inference.pipeline import segment_images
 
 # one intra-op thread (conftest): on the shared 2-core machine OpenMP spinning makes 2 threads much slower
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -27,7 +27,7 @@ import numpy as np
 from ecmnet_core.bags.points_replay import PointsReplay
 from ecmnet_core.bags.reader import BagError, BagMessage, BagReader, decode_image_message, decode_label_message
 from ecmnet_core.bags.report import FrameRecord, LabelBagWriter, ReplayReport
-from ecmnet_core.evaluate import segment_images
+from ecmnet_core.inference.pipeline import segment_images
 
 if TYPE_CHECKING:
     from ecmnet_core.inference import Segmenter
@@ -231,7 +231,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ecmnet_core.inference import add_segmenter_arguments
+    from ecmnet_core.inference.options import add_segmenter_arguments
 
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--offline", metavar="BAG", help="evaluate offline: run the segmenter on every frame")
@@ -283,7 +283,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_segmenter(args: argparse.Namespace, bag_classes: int | None = None) -> Segmenter:
     from ecmnet_core.checkpoint import CheckpointError
-    from ecmnet_core.inference import Segmenter, inference_config_from_args
+    from ecmnet_core.inference import Segmenter
+    from ecmnet_core.inference.options import inference_config_from_args
 
     num_classes = args.num_classes or bag_classes or 11
     config = inference_config_from_args(args, model=args.model, num_classes=num_classes)

@@ -19,12 +19,13 @@ from ecmnet_core.data.dataset import SegmentationDataset, load_raw
 from ecmnet_core.data.errors import DataError
 from ecmnet_core.data.io import Sample, load_sample, read_image, read_label, write_image
 from ecmnet_core.data.stats import DatasetStats, compute_stats, enet_weights
-from ecmnet_core.data.transforms import EvalTransform, TrainTransform, normalize_image
+from ecmnet_core.data.transforms import EvalTransform, Preprocess, TrainTransform, normalize_image
 from ecmnet_core.data.validate import validate_samples
 
 __all__ = [
     "CAMVID", "CITYSCAPES", "CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_TRAINID_TO_ID", "KINDS", "UNLABELED",
-    "DataError", "DatasetInfo", "DatasetStats", "EvalTransform", "Sample", "SegmentationDataset", "TrainTransform",
+    "DataError", "DatasetInfo", "DatasetStats", "EvalTransform", "Preprocess", "Sample", "SegmentationDataset",
+    "TrainTransform",
     "bgr_lut", "build_dataset", "cityscapes_to_trainid", "compute_stats", "dataset_info", "default_palette",
     "detect_kind", "enet_weights", "load_classes_yaml", "load_raw", "load_sample", "normalize_image", "read_image",
     "read_label", "read_list_file", "trainid_to_labelid", "validate_samples", "write_image",

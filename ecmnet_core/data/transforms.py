@@ -8,6 +8,7 @@ Transforms take a BGR uint8 image (H, W, 3) and a uint8 train-id label (H, W), a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -164,6 +165,40 @@ class TrainTransform:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(crop_size={self.crop_size}, scale_range={self.scale_range}, "
                 f"base_scale={self.base_scale}, flip={self.flip}, jitter={self.jitter}, blur_noise={self.blur_noise})")
+
+
+@dataclass
+class Preprocess:
+    """BGR uint8 image -> (3, h, w) normalised RGB float32 at the network size.
+
+    ``input_size`` (H, W) resizes every image to that size; otherwise ``scale`` resizes by a factor (1 = native).
+    cv2 bilinear resizing and rounding match :class:`EvalTransform`. Made from a checkpoint by
+    :meth:`ecmnet_core.checkpoint.Checkpoint.preprocess` (the Segmenter, eval, predict, replay, bench) or from a
+    training run's dataset statistics (training-time validation).
+    """
+
+    mean: Sequence[float]
+    std: Sequence[float]
+    input_size: tuple[int, int] | None = None
+    scale: float = 1.0
+
+    def size_for(self, h: int, w: int) -> tuple[int, int]:
+        if self.input_size is not None:
+            return int(self.input_size[0]), int(self.input_size[1])
+        if self.scale != 1.0:
+            return max(1, int(round(h * self.scale))), max(1, int(round(w * self.scale)))
+        return h, w
+
+    def __call__(self, image_bgr: np.ndarray) -> torch.Tensor:
+        """HxWx3 BGR (or HxW mono) uint8 -> (3, h, w) normalised RGB at the network size."""
+        if image_bgr.ndim not in (2, 3) or image_bgr.shape[0] == 0 or image_bgr.shape[1] == 0:
+            raise ValueError(f"expected an HxWx3 BGR or HxW mono image, got shape {image_bgr.shape}")
+        h, w = image_bgr.shape[:2]
+        th, tw = self.size_for(h, w)
+        if (th, tw) != (h, w):
+            image_bgr = cv2.resize(image_bgr, (tw, th), interpolation=cv2.INTER_LINEAR)
+        return normalize_image(image_bgr, self.mean, self.std)
+
 
 
 class EvalTransform:

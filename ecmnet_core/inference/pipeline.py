@@ -1,28 +1,26 @@
-"""Pre-processing and the logits -> labels step, the one way every prediction is made: evaluation, training-time
-validation, ``predict``, rosbag replay and the ROS node (through :class:`ecmnet_core.inference.Segmenter`).
+"""The logits -> labels step, the one way every prediction is made: evaluation, training-time validation,
+``predict``, rosbag replay and the ROS node (through :class:`ecmnet_core.inference.Segmenter`).
 
 Resize the image to the network size, normalise, run the model, upsample the logits bilinearly to the label
 (original image) size, then take the argmax. With flip test-time augmentation (``tta="flip"``) the model also runs
 on the mirrored batch and the two logit maps are averaged (the mirrored one mirrored back) before upsampling: about
 twice the cost, +0.8 points of CamVid val mIoU on the shipped model (MODEL_CARD.md).
 
-Below ``inference`` and ``evaluate``; it knows a Segmenter only by its attributes (``preprocess``, ``engine``,
-``device``, ``num_classes``).
+Below :mod:`~ecmnet_core.inference.segmenter` and ``evaluate``; it knows a Segmenter only by its attributes
+(``preprocess``, ``engine``, ``device``, ``num_classes``). Pre-processing is :class:`ecmnet_core.data.Preprocess`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ecmnet_core.data.transforms import normalize_image
+from ecmnet_core.data.transforms import Preprocess
 
 #: Test-time augmentations: none, or the mean of the logits of the image and of its mirror image.
 TTA_MODES = ("none", "flip")
@@ -45,34 +43,6 @@ def tta_logits(logits_fn: Callable[[Tensor], Tensor], batch: Tensor, tta: str) -
         return logits
     mirrored = logits_fn(batch.flip(-1)).flip(-1)
     return (logits + mirrored) * 0.5
-
-
-@dataclass
-class Preprocess:
-    """BGR uint8 image -> (3, h, w) normalised RGB float32 at the network size.
-
-    ``input_size`` (H, W) resizes every image to that size; otherwise ``scale`` resizes by a factor (1 = native).
-    cv2 bilinear resizing and rounding match :class:`ecmnet_core.data.EvalTransform` and the Segmenter.
-    """
-
-    mean: Sequence[float]
-    std: Sequence[float]
-    input_size: tuple[int, int] | None = None
-    scale: float = 1.0
-
-    def size_for(self, h: int, w: int) -> tuple[int, int]:
-        if self.input_size is not None:
-            return int(self.input_size[0]), int(self.input_size[1])
-        if self.scale != 1.0:
-            return max(1, int(round(h * self.scale))), max(1, int(round(w * self.scale)))
-        return h, w
-
-    def __call__(self, image_bgr: np.ndarray) -> Tensor:
-        h, w = image_bgr.shape[:2]
-        th, tw = self.size_for(h, w)
-        if (th, tw) != (h, w):
-            image_bgr = cv2.resize(image_bgr, (tw, th), interpolation=cv2.INTER_LINEAR)
-        return normalize_image(image_bgr, self.mean, self.std)
 
 
 class ModelRunner:
@@ -172,5 +142,5 @@ def segment_images(predictor: Any, images: Sequence[np.ndarray]) -> list[np.ndar
     return [lab.to(torch.uint8).cpu().numpy() for lab in labels]
 
 
-__all__ = ["TTA_MODES", "ModelRunner", "Preprocess", "Runner", "SegmenterRunner", "as_runner", "predict_labels",
+__all__ = ["TTA_MODES", "ModelRunner", "Runner", "SegmenterRunner", "as_runner", "predict_labels",
            "segment_images", "tta_logits"]

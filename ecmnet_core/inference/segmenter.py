@@ -1,12 +1,12 @@
-"""One inference class shared by ``predict``, ``eval``, rosbag replay and the ROS node (no ROS inside).
+"""The one inference class shared by ``predict``, ``eval``, rosbag replay and the ROS node (no ROS inside).
 
-Pre-processing: optional resize to the network size, BGR normalisation with the checkpoint's mean/std.
-Post-processing: logits upsampled bilinearly to the input size, argmax, colour mask, overlay, coverage.
+Pre-processing is the checkpoint's (:meth:`ecmnet_core.checkpoint.Checkpoint.preprocess`: resize to the network
+size, BGR normalisation); the prediction step is :func:`ecmnet_core.inference.pipeline.predict_labels` (logits
+upsampled bilinearly to the input size, argmax); here also the colour mask, overlay and coverage.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,10 +16,8 @@ import cv2
 import numpy as np
 import torch
 
-from ecmnet_core.checkpoint import (  # noqa: F401  (random_checkpoint & co. re-exported for callers)
+from ecmnet_core.checkpoint import (
     DEFAULT_CHECKPOINT,
-    DEFAULT_MEAN,
-    DEFAULT_STD,
     Checkpoint,
     file_sha256,
     load_checkpoint,
@@ -27,10 +25,9 @@ from ecmnet_core.checkpoint import (  # noqa: F401  (random_checkpoint & co. re-
     random_checkpoint_hash,
 )
 from ecmnet_core.data.classes import bgr_lut
-from ecmnet_core.data.transforms import normalize_image
 from ecmnet_core.device import resolve_device
 from ecmnet_core.engines import ENGINES, OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
-from ecmnet_core.prediction import TTA_MODES, SegmenterRunner, check_tta, predict_labels
+from ecmnet_core.inference.pipeline import SegmenterRunner, check_tta, predict_labels
 
 
 @dataclass
@@ -98,6 +95,7 @@ class Segmenter:
         self.mean, self.std = tuple(ckpt.mean), tuple(ckpt.std)
         self.model_name = ckpt.model_config.name
         self.input_size = self._network_size(config.input_size, ckpt.input_size)
+        self._preprocess = ckpt.preprocess(self.input_size)
 
         self.engine = self._engine(config, ckpt)
         #: the PyTorch module (None with the onnxruntime backend)
@@ -180,11 +178,7 @@ class Segmenter:
     # ------------------------------------------------------------------------------------------------ running
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """HxWx3 BGR (or HxW mono) uint8 -> (3, h, w) normalised RGB at the network size."""
-        if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
-            raise ValueError(f"expected an HxWx3 BGR or HxW mono image, got shape {image.shape}")
-        if self.input_size is not None and image.shape[:2] != self.input_size:
-            image = cv2.resize(image, (self.input_size[1], self.input_size[0]), interpolation=cv2.INTER_LINEAR)
-        return normalize_image(image, self.mean, self.std)
+        return self._preprocess(image)
 
     def segment(self, image: np.ndarray) -> SegmentationResult:
         return self.segment_batch([image])[0]
@@ -192,8 +186,9 @@ class Segmenter:
     def segment_batch(self, images: list[np.ndarray], confidence: bool = False) -> list[SegmentationResult]:
         """Segment several images (e.g. one per camera); same-size inputs run as one batch.
 
-        Labels are made exactly as ``ecmnet-core eval`` makes them (:func:`ecmnet_core.evaluate.predict_labels`:
-        logits upsampled bilinearly to the input size, then argmax), so node, replay and eval agree.
+        Labels are made exactly as ``ecmnet-core eval`` makes them
+        (:func:`ecmnet_core.inference.pipeline.predict_labels`: logits upsampled bilinearly to the input size, then
+        argmax), so node, replay and eval agree.
         ``confidence`` adds each pixel's class probability (for painted point clouds).
         """
         tensors = [self.preprocess(img) for img in images]
@@ -254,49 +249,3 @@ class Segmenter:
         self.engine = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# command-line options shared by eval, predict and replay
-
-
-def add_segmenter_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, native: bool = True) -> None:
-    """How to run the model: size, device, backend, precision, rewrites (``--checkpoint`` stays per command)."""
-    if native:
-        size = parser.add_mutually_exclusive_group()
-        size.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                          help="network input size (default: the checkpoint's input_size)")
-        size.add_argument("--native", action="store_true", help="run at each image's native resolution")
-    else:
-        parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                            help="network input size (default: the checkpoint's; 0 0 = native)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--backend", default="torch", choices=ENGINES,
-                        help="inference backend (default torch; onnxruntime runs an .onnx checkpoint or exports the "
-                             ".pt one once at the input size)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                        help="fp32, or fp16/bf16 autocast (CUDA only)")
-    parser.add_argument("--fp16", action="store_true", help="same as --dtype fp16")
-    parser.add_argument("--scan-backend", default=None,
-                        help="selective-scan backend (mamba, triton, cpp, torch, reference; default automatic)")
-    parser.add_argument("--no-optimize", action="store_true",
-                        help="torch backend: no inference rewrites (BN folding, classifier before the last upsampling)")
-    parser.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model first")
-    parser.add_argument("--no-jit", action="store_true", help="torch backend on CPU: no TorchScript trace")
-    parser.add_argument("--tta", default="none", choices=TTA_MODES,
-                        help="test-time augmentation: flip also runs the mirrored image and averages the logits "
-                             "(about 2x the cost; default none)")
-
-
-def inference_config_from_args(args: argparse.Namespace, **overrides) -> InferenceConfig:
-    """The :class:`InferenceConfig` of :func:`add_segmenter_arguments`' options (plus ``overrides``)."""
-    if getattr(args, "native", False):
-        input_size: tuple[int, int] | None = (0, 0)
-    else:
-        input_size = tuple(args.input_size) if args.input_size else None
-    values = dict(checkpoint=getattr(args, "checkpoint", None), device=args.device, fp16=args.fp16,
-                  dtype=args.dtype, input_size=input_size, warmup=0, scan_backend=args.scan_backend,
-                  backend=args.backend, optimize=not args.no_optimize, compile=args.compile, jit=not args.no_jit,
-                  tta=getattr(args, "tta", "none"))
-    values.update(overrides)
-    return InferenceConfig(**values)
