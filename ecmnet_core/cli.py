@@ -1,7 +1,8 @@
 """``ecmnet-core`` / ``python -m ecmnet_core``: one entry point, one module per sub-command.
 
-Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only
-when their command runs, so ``--help`` stays fast.
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int`` (and may define
+``legacy_argv(argv)`` to accept spellings of earlier releases); modules are imported only when their command runs,
+so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import sys
 
 #: command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("ecmnet_core.cost", "parameters and GMac/GFLOPs of a model configuration"),
-    "bench": ("ecmnet_core.bench", "latency/throughput of the model, or of each selective-scan backend (--scan)"),
+    "info": ("ecmnet_core.bench.cost", "parameters and GMac/GFLOPs of a model configuration"),
+    "bench": ("ecmnet_core.bench.cli", "benchmarks: model, scan, inference, profile, train, points"),
     "train": ("ecmnet_core.train.cli", "train a model from a YAML config with command-line overrides"),
     "eval": ("ecmnet_core.evaluate", "evaluate a checkpoint on a dataset split (mIoU, per-class IoU)"),
     "predict": ("ecmnet_core.predict", "segment images, folders or videos"),
@@ -41,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         build_parser().parse_args(argv or ["--help"])
         return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    if hasattr(module, "legacy_argv"):
+        argv = module.legacy_argv(argv)
     args = build_parser(load=command).parse_args(argv)
-    return int(importlib.import_module(COMMANDS[command][0]).run(args) or 0)
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

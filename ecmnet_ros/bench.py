@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
+from ecmnet_core.bench.timing import latency_summary
 
 TARGET_OVERHEAD_PCT = 15.0
 
@@ -41,12 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one frame's labels")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, np.float64)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean()),
-            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,8 +162,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "device": node.device_description, "scan_backend": facts["scan_backend"],
                 "input": "jpeg CompressedImage" if args.compressed else "bgr8 Image",
                 "with_overlay": bool(args.with_overlay),
-                "bare_model_ms": _stats(model), "node_model_call_ms": _stats(in_node), "end_to_end_ms": _stats(e2e),
-                "node_overhead_ms": _stats(overhead),
+                "bare_model_ms": latency_summary(model), "node_model_call_ms": latency_summary(in_node),
+                "end_to_end_ms": latency_summary(e2e),
+                "node_overhead_ms": latency_summary(overhead),
                 "node_receive_to_publish_ms": {"p50": node_internal[0], "p95": node_internal[1]},
                 "node_forward_pass_ms": {"p50": inference[0], "p95": inference[1]},
                 "dropped": stream.slot.dropped,

@@ -19,6 +19,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ecmnet_core.bench.timing import latency_summary
+
 BANNER = "!" * 100
 
 
@@ -112,11 +114,9 @@ class Monitor:
         self.saved.append(str(path))
 
 
-def _percentiles(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    p50, p95 = np.percentile(values, [50, 95])
-    return float(p50), float(p95)
+def _p50_p95(values: list[float]) -> tuple[float, float]:
+    s = latency_summary(values)
+    return (s["p50"], s["p95"]) if s["count"] else (float("nan"), float("nan"))
 
 
 def _top(coverage: np.ndarray | None, names: list[str], k: int) -> str:
@@ -256,7 +256,7 @@ def _live_loop(args: argparse.Namespace, node: Any, source: Any, monitor: Monito
         time.sleep(1.0)
         elapsed = time.monotonic() - start
         with monitor.lock:
-            p50, p95 = _percentiles(monitor.latencies[-50:])
+            p50, p95 = _p50_p95(monitor.latencies[-50:])
             coverage = monitor.coverage
         (inf50,) = stream.inference.percentiles(50)
         sent = source.count
@@ -270,7 +270,7 @@ def _live_loop(args: argparse.Namespace, node: Any, source: Any, monitor: Monito
         if finished or (args.frames is None and elapsed >= args.duration):
             break
     with monitor.lock:
-        p50, p95 = _percentiles(monitor.latencies)
+        p50, p95 = _p50_p95(monitor.latencies)
         mean_cov = monitor.coverage_sum / max(1, monitor.labels_count) if monitor.coverage_sum is not None else None
     (inf50, inf95) = stream.inference.percentiles(50, 95)
     summary = {

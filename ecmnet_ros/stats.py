@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ecmnet_core.bench.timing import percentile
+
 
 @dataclass
 class Frame:
@@ -101,7 +103,8 @@ class LatencyWindow:
             values = np.fromiter(self._values, np.float64, len(self._values))
         if values.size == 0:
             return [float("nan")] * len(qs)
-        return [float(v) for v in np.percentile(values, qs)]
+        xs = values.tolist()
+        return [percentile(xs, q) for q in qs]
 
     @property
     def last(self) -> float:

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ecmnet_core.bench_paths import BASELINE, PATHS, PathsBenchConfig, bench_paths, parse_size
+from ecmnet_core.bench.inference import BASELINE, PATHS, PathsBenchConfig, bench_paths, parse_size
 from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT
 from ecmnet_core.cli import main
 
@@ -54,11 +54,11 @@ def test_paths_against_the_baseline(tmp_path, images) -> None:
 
 
 def test_cli_paths_json_with_onnxruntime(capsys, tmp_path, monkeypatch) -> None:
-    """``ecmnet-core bench --paths onnxruntime --random --json`` prints one JSON object with the ratio."""
+    """``ecmnet-core bench inference --paths onnxruntime --random --json`` prints one JSON object with the ratio."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     monkeypatch.setenv("ECMNET_CACHE_DIR", str(tmp_path))
-    assert main(["bench", "--paths", "onnxruntime", "--random", "--model", "baseline", "--sizes", "64x96",
+    assert main(["bench", "inference", "--paths", "onnxruntime", "--random", "--model", "baseline", "--sizes", "64x96",
                  "--runs", "1", "--warmup", "0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     row = out["results"]["64x96"]["onnxruntime"]
@@ -73,15 +73,15 @@ def test_bad_settings_name_the_option(tmp_path) -> None:
         parse_size("360by480")
     with pytest.raises(ValueError, match="no images"):
         bench_paths(PathsBenchConfig(paths=("torch",), sizes=((64, 96),), agreement=str(tmp_path), model="baseline"))
-    with pytest.raises(SystemExit, match="bench: size 8x8"):
-        main(["bench", "--paths", "--sizes", "8x8", "--random"])
+    with pytest.raises(SystemExit, match="bench inference: size 8x8"):
+        main(["bench", "inference", "--sizes", "8x8", "--random"])
     assert set(PATHS) >= {"eager", "torch", "torch-compile", "onnxruntime", "torch-fp16", "torch-fp16-graphs"}
 
 
 def test_profile_tables_account_for_the_kernels(capsys) -> None:
-    """``bench --profile`` on the default path lists the compiled kernels as operators, sorts the kinds of work by
+    """``bench profile`` on the default path lists the compiled kernels as operators, sorts the kinds of work by
     time with shares that add up to 1, and splits convolutions by weight shape (1x1 / depthwise / other)."""
-    assert main(["bench", "--profile", "--random", "--sizes", "48x64", "--runs", "2", "--warmup", "1",
+    assert main(["bench", "profile", "--random", "--sizes", "48x64", "--runs", "2", "--warmup", "1",
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["mode"] == "profile" and r["path"] == "torch"
@@ -95,7 +95,7 @@ def test_profile_tables_account_for_the_kernels(capsys) -> None:
 
 
 def test_conv_kinds_by_weight_shape() -> None:
-    from ecmnet_core.bench_profile import op_category
+    from ecmnet_core.bench.profile import op_category
 
     assert op_category("aten::mkldnn_convolution", [[1, 8, 9, 9], [16, 8, 1, 1]]) == "conv 1x1"
     assert op_category("aten::mkldnn_convolution", [[1, 8, 9, 9], [8, 1, 3, 1]]) == "conv depthwise"
@@ -106,4 +106,4 @@ def test_conv_kinds_by_weight_shape() -> None:
 
 def test_profile_refuses_an_unknown_path() -> None:
     with pytest.raises(SystemExit, match="unknown path 'fast'"):
-        main(["bench", "--profile", "fast", "--random", "--sizes", "48x64"])
+        main(["bench", "profile", "--path", "fast", "--random", "--sizes", "48x64"])

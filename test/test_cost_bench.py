@@ -10,17 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ecmnet_core import bench, benchmarking
-from ecmnet_core.bench import (
-    TEXTBOOK,
-    ModelBenchConfig,
-    ScanBenchConfig,
-    bench_model,
-    bench_scan,
-    scan_inputs,
-    scan_length,
-)
-from ecmnet_core.benchmarking import cpu_peak_supported, peak_extra_bytes, percentile
+from ecmnet_core.bench import scan as bench_scan_module
+from ecmnet_core.bench import timing as benchmarking
+from ecmnet_core.bench.model import ModelBenchConfig, bench_model
+from ecmnet_core.bench.scan import TEXTBOOK, ScanBenchConfig, bench_scan, scan_inputs, scan_length
+from ecmnet_core.bench.timing import cpu_peak_supported, peak_extra_bytes, percentile
 from ecmnet_core.cli import main
 from ecmnet_core.device import resolve_device
 from ecmnet_core.ops.selective_scan import available_backends, selective_scan_fn, selective_scan_textbook
@@ -159,7 +153,7 @@ def test_bench_scan_tiny_all_methods() -> None:
 
 
 def test_bench_scan_skip_slow_and_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench, "SLOW_LENGTH", 8)  # make L = 16 "huge"
+    monkeypatch.setattr(bench_scan_module, "SLOW_LENGTH", 8)  # make L = 16 "huge"
     r = bench_scan(ScanBenchConfig(size=(64, 64), runs=1, warmup=0, d_inner=8, backends=["torch", "reference",
                                                                                        "textbook"],
                                    skip_slow=True, memory=False))
@@ -172,14 +166,14 @@ def test_bench_scan_skip_slow_and_backend_choice(monkeypatch: pytest.MonkeyPatch
 
 
 def test_cli_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "--model", "baseline", "--classes", "3", "--size", "32", "48", "--runs", "3",
+    assert main(["bench", "model", "--model", "baseline", "--classes", "3", "--size", "32", "48", "--runs", "3",
                  "--warmup", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mode"] == "model" and out["runs"] == 3 and {"median_ms", "p90_ms", "fps"} <= set(out)
 
 
 def test_cli_bench_scan_text(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "--scan", "--size", "32", "32", "--runs", "1", "--warmup", "0",
+    assert main(["bench", "scan", "--size", "32", "32", "--runs", "1", "--warmup", "0",
                  "--backends", "torch", "textbook", "--no-memory"]) == 0
     text = capsys.readouterr().out
     assert "L 4" in text and "torch speed-up vs textbook" in text
@@ -187,6 +181,25 @@ def test_cli_bench_scan_text(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_bench_bad_input() -> None:
     with pytest.raises(SystemExit, match="--threads must be >= 1"):
-        main(["bench", "--threads", "0"])
+        main(["bench", "model", "--threads", "0"])
     with pytest.raises(SystemExit, match="unknown selective-scan backend"):
-        main(["bench", "--scan-backend", "nope", "--size", "32", "32"])
+        main(["bench", "model", "--scan-backend", "nope", "--size", "32", "32"])
+
+
+def test_cli_bench_old_flags_still_work_and_say_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """The single-command spellings of the last release map onto the modes, with a deprecation line."""
+    assert main(["bench", "--scan", "--size", "32", "32", "--runs", "1", "--warmup", "0",
+                 "--backends", "torch", "--no-memory", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["mode"] == "scan"
+    assert "deprecated; use 'ecmnet-core bench scan ...'" in captured.err
+    assert main(["bench", "--model", "baseline", "--classes", "3", "--size", "32", "48", "--runs", "1",
+                 "--warmup", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "model"
+
+
+def test_cli_bench_modes_have_their_own_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "scan", "--help"])
+    text = capsys.readouterr().out
+    assert "--backends" in text and "--dtype" not in text and "--paths" not in text

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from ecmnet_core.bench.cost import full_macs, measure, paper_macs, stubbed_scans
 from ecmnet_core.cli import main
-from ecmnet_core.cost import full_macs, measure, paper_macs, stubbed_scans
 from ecmnet_core.model import DDA, SS2D, SelectiveScan, build_model
 
 # one intra-op thread (conftest): on the shared 2-core machine OpenMP spinning makes 2 threads much slower

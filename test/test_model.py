@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecmnet_core.cost import stubbed_scans
+from ecmnet_core.bench.cost import stubbed_scans
 from ecmnet_core.model import DDA, EDAB, FFM, MSAU, SS2D, VARIANTS, build_model
 from ecmnet_core.ops.selective_scan import ENV_VAR
 

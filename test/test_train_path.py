@@ -1,6 +1,6 @@
 """The fast training path computes what the baseline computes: the fused BatchNorm+PReLU kernel against a float64
 PyTorch reference (outputs, running statistics, every gradient), and whole-model losses and gradients of the
-default path against the baseline's; plus the data cache and the ``bench --train`` report."""
+default path against the baseline's; plus the data cache and the ``bench train`` report."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def test_dataset_cache_returns_the_same_samples(tmp_path):
 def test_bench_train_reports_both_paths(tmp_path, one_torch_thread):
     from test_train_fixtures import make_camvid
 
-    from ecmnet_core.bench_train import TrainBenchConfig, bench_train, format_train
+    from ecmnet_core.bench.training import TrainBenchConfig, bench_train, format_train
 
     root = make_camvid(tmp_path / "camvid", n_train=4, n_val=1)
     # (glibc's allocator defaults: --trainer-allocator's policy is process-wide and would stay in pytest's)

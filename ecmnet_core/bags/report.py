@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ecmnet_core.bags.reader import IMAGE, BagError, BagReader
+from ecmnet_core.bench.timing import latency_summary
 from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.metrics import ConfusionMatrix
 
@@ -53,15 +54,6 @@ class FrameRecord:
     pixel_accuracy: float | None = None
     iou: np.ndarray | None = None
     coverage: np.ndarray | None = None
-
-
-def latency_stats(values: Sequence[float]) -> dict[str, float | int | None]:
-    """count, mean, p50, p95, p99, max of a list of milliseconds (None when empty)."""
-    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if arr.size == 0:
-        return {"count": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None}
-    return {"count": int(arr.size), "mean": float(arr.mean()), "p50": float(np.percentile(arr, 50)),
-            "p95": float(np.percentile(arr, 95)), "p99": float(np.percentile(arr, 99)), "max": float(arr.max())}
 
 
 def _num(v: Any) -> Any:
@@ -149,8 +141,8 @@ class ReplayReport:
                 "per_frame_miou_mean": _num(np.mean(per_frame)) if per_frame else None,
             },
             "timing": {
-                "inference_ms": latency_stats([f.inference_ms for f in answered if f.inference_ms is not None]),
-                "latency_ms": latency_stats([f.latency_ms for f in answered if f.latency_ms is not None]),
+                "inference_ms": latency_summary([f.inference_ms for f in answered if f.inference_ms is not None]),
+                "latency_ms": latency_summary([f.latency_ms for f in answered if f.latency_ms is not None]),
             },
             "coverage_mean": {n: _num(v) for n, v in zip(self.class_names, mean_cov)},
             **({"live": self.extra} if self.extra else {}),

@@ -3,7 +3,7 @@
 ECMNet's EDABs and MSAUs run about thirty depthwise convolutions per training step that are dilated ((3, 1) and
 (1, 3) at dilations 2 to 16) or large (5x5, 7x7). For those, oneDNN's channels-last fp32 *backward* leaves its fast
 path: 12-33 ms a call against 1-3 ms for the same shapes undilated, about half of all convolution-backward time of
-a step at 360x480 (``ecmnet-core bench --train``). The kernel (``csrc/depthwise_cpu.cpp``) is written for memory
+a step at 360x480 (``ecmnet-core bench train``). The kernel (``csrc/depthwise_cpu.cpp``) is written for memory
 traffic: one pass for the input gradient, one for the weight and bias gradients. Built on first use and cached like
 the other kernels (:mod:`ecmnet_core.ops.cbuild`, cache ``depthwise_cpu``).
 

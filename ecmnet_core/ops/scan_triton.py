@@ -58,7 +58,7 @@ class TritonScanConfig:
     A (block_d, next_pow2(N), chunk) fp32 tile per operand lives in registers. The defaults were chosen from
     ptxas resource usage for sm_90 at N = 16 (forward 110 registers, backward 117, no spills); larger tiles
     (block_d 4, chunk 64) spill in the backward. They are not tuned by timing yet: ``python -m
-    ecmnet_core.ops.scan_triton_check --sweep`` times alternatives on a GPU.
+    ecmnet_core.bench.triton_check --sweep`` times alternatives on a GPU.
     """
 
     block_d: int = 4

@@ -164,7 +164,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 def selective_scan_textbook(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """mamba-ssm's ``selective_scan_ref`` algorithm: materialise exp(dA) and dB*u as (B, D, L, N), then loop.
 
-    Only used by ``bench --scan`` as the baseline the issue compares against; O(B*D*L*N) memory.
+    Only used by ``bench scan`` as the baseline the issue compares against; O(B*D*L*N) memory.
     """
     dtype_in = u.dtype
     batch, dim, length = u.shape

@@ -2,8 +2,8 @@
 
 Run on a CUDA machine::
 
-    python -m ecmnet_core.ops.scan_triton_check            # agreement + timings at the FFM shapes
-    python -m ecmnet_core.ops.scan_triton_check --sweep    # also time alternative TritonScanConfigs
+    python -m ecmnet_core.bench.triton_check            # agreement + timings at the FFM shapes
+    python -m ecmnet_core.bench.triton_check --sweep    # also time alternative TritonScanConfigs
 
 Shapes are SS2D's (4 directions x 256 channels, N = 16, B/C grouped by direction): L = 690 at batch 8 and
 L = 2048, 8192 at batch 1. For each it prints the largest absolute error of the output and of every gradient
@@ -162,7 +162,7 @@ def check_reference(device: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ecmnet_core.ops.scan_triton_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ecmnet_core.bench.triton_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (default 20)")
     parser.add_argument("--shapes", default=",".join(f"{b}x{L}" for b, L in SHAPES),
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shapes: expected BATCHxL[,BATCHxL...], got {args.shapes!r}")
 
     if not torch.cuda.is_available() or not scan_triton.triton_available() or scan_triton.interpreting():
-        print("scan_triton_check needs a CUDA GPU and triton (without TRITON_INTERPRET=1)", file=sys.stderr)
+        print("triton_check needs a CUDA GPU and triton (without TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     import triton
 

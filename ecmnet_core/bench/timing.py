@@ -9,7 +9,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch
 from ecmnet_core.allocator import MIB, malloc_trim, pin_mmap_threshold
 
 __all__ = ["MIB", "Timing", "cpu_peak_supported", "disturbance_note", "environment", "peak_extra_bytes",
-           "percentile", "time_fn", "time_interleaved"]
+           "latency_summary", "percentile", "time_fn", "time_interleaved"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # timing
@@ -56,6 +56,16 @@ def percentile(values: list[float], q: float) -> float:
     pos = (len(xs) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def latency_summary(values_ms: Iterable[float | None]) -> dict[str, float | int | None]:
+    """count, mean, min, p50, p90, p95, p99 and max of latencies in milliseconds (non-finite and None values
+    dropped; None statistics when nothing is left): the one summary the benchmarks, replay and the demo report."""
+    xs = [float(v) for v in values_ms if v is not None and math.isfinite(v)]
+    if not xs:
+        return {"count": 0, **dict.fromkeys(("mean", "min", "p50", "p90", "p95", "p99", "max"))}
+    return {"count": len(xs), "mean": statistics.fmean(xs), "min": min(xs),
+            **{f"p{q}": percentile(xs, q) for q in (50, 90, 95, 99)}, "max": max(xs)}
 
 
 def time_fn(fn: Callable[[], object], runs: int, warmup: int, device: torch.device,

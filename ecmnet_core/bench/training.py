@@ -1,10 +1,10 @@
-"""``bench --train``: seconds per optimisation step of the baseline and default training paths, and data loading.
+"""``bench train``: seconds per optimisation step of the baseline and default training paths, and data loading.
 
 A step is what the trainer does per iteration: forward, ENet-weighted cross-entropy, backward, Adam step. Both
 paths start from the same weights and see the same random batch; they are timed in rounds
-(:func:`ecmnet_core.benchmarking.time_interleaved`) so a shared machine's drift lands on both. Data loading is timed on
+(:func:`ecmnet_core.bench.timing.time_interleaved`) so a shared machine's drift lands on both. Data loading is timed on
 its own: images/s of the real training pipeline (decode once into the uint8 cache, then random scale, crop, flip
-and normalisation) over a CamVid-style folder, when one is given or found at ``../shared/camvid``.
+and normalisation) over a CamVid-style folder, when one is given (``--data``, or ``$ECMNET_CAMVID``).
 
 The allocator policy is process-wide, so both paths run under the same one: by default glibc's own (every buffer
 over 32 MiB is mmapped and faulted in each step, as the issue's baseline was measured), or with
@@ -16,6 +16,7 @@ does (it allocates more large NCHW buffers), so the speed-up is smaller there.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,13 @@ from pathlib import Path
 import torch
 
 from ecmnet_core.allocator import keep_freed_memory
-from ecmnet_core.benchmarking import environment, time_interleaved
+from ecmnet_core.bench.timing import environment, time_interleaved
 from ecmnet_core.model import build_model, model_config
 from ecmnet_core.train.losses import WeightedCrossEntropy
 from ecmnet_core.train.train_path import apply_train_path, prepare_batch, train_path
 
-#: the development checkout's CamVid (``../shared/camvid`` beside the repository)
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "camvid"
+#: environment variable naming a CamVid-style root for the data-loading figure when --data is not given
+DATA_ENV = "ECMNET_CAMVID"
 
 
 @dataclass
@@ -110,7 +111,7 @@ def bench_train(cfg: TrainBenchConfig) -> dict:
     result["baseline_s_per_iter"] = result["paths"]["baseline"]["s_per_iter"]
     result["default_s_per_iter"] = result["paths"]["default"]["s_per_iter"]
     result["speedup"] = result["baseline_s_per_iter"] / result["default_s_per_iter"]
-    root = cfg.data if cfg.data else (str(DEFAULT_DATA.resolve()) if DEFAULT_DATA.is_dir() else None)
+    root = cfg.data or os.environ.get(DATA_ENV) or None
     data = data_throughput(root, cfg.size, cfg.data_images) if root else None
     result["data"] = data
     result["data_images_per_s"] = data["data_images_per_s"] if data else None

@@ -1,11 +1,11 @@
-"""``bench --paths``: every inference path against eager fp32 PyTorch, in one run, at several input sizes.
+"""``bench inference``: every inference path against eager fp32 PyTorch, in one run, at several input sizes.
 
 A *path* is one way to run the network (the engine of :mod:`ecmnet_core.engines` and its options). The baseline,
 ``eager``, is the plain ``model(x)`` in fp32 and NCHW with the pure-PyTorch selective scan and attention -- what the
 model costs without any of the inference work. Each path is timed on the same normalised input through the same
 call the :class:`~ecmnet_core.inference.Segmenter` makes (``engine.logits``), reporting ms/frame p50/p90, frames/s
 and the speed-up over the baseline's median measured in this run. The paths of one size are timed in rounds, one
-call of each per round (:func:`ecmnet_core.benchmarking.time_interleaved`), so a shared machine's drift in speed
+call of each per round (:func:`ecmnet_core.bench.timing.time_interleaved`), so a shared machine's drift in speed
 lands on the baseline and the path alike instead of skewing their ratio.
 
 With ``--agreement DIR`` every path also segments the images in DIR (e.g. CamVid val) at the first size, and the
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ecmnet_core.benchmarking import disturbance_note, environment, time_interleaved
+from ecmnet_core.bench.timing import disturbance_note, environment, time_interleaved
 from ecmnet_core.checkpoint import (
     DEFAULT_CHECKPOINT,
     Checkpoint,

@@ -1,4 +1,4 @@
-"""``bench --profile``: where one inference path spends its time, per operator and per kind of work.
+"""``bench profile``: where one inference path spends its time, per operator and per kind of work.
 
 The path (default ``torch``, what the :class:`~ecmnet_core.inference.Segmenter` runs) is warmed up, then ``runs``
 frames are recorded with the torch profiler (``record_shapes`` so that convolutions can be told apart by their
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ecmnet_core.bench_paths import PATHS, bench_checkpoint, build_path
-from ecmnet_core.benchmarking import environment
+from ecmnet_core.bench.inference import PATHS, bench_checkpoint, build_path
+from ecmnet_core.bench.timing import environment
 from ecmnet_core.device import resolve_device
 
 
@@ -77,7 +77,7 @@ def op_category(name: str, shapes: list) -> str:
 def profile_path(cfg: ProfileConfig) -> dict:
     """Profile ``cfg.path`` at every size; returns a JSON-ready dict of per-op and per-category tables."""
     if cfg.path not in PATHS:
-        raise ValueError(f"--profile: unknown path {cfg.path!r}; choose from {', '.join(PATHS)}")
+        raise ValueError(f"--path: unknown path {cfg.path!r}; choose from {', '.join(PATHS)}")
     device = resolve_device(cfg.device)
     ckpt, ckpt_hash, source = bench_checkpoint(cfg.checkpoint, cfg.model, cfg.classes)
     results = {}

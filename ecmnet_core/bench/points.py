@@ -1,4 +1,4 @@
-"""``ecmnet-core bench --points N``: time point painting (projection + label lookup) on the synthetic scene.
+"""``ecmnet-core bench points --points N``: time point painting (projection + label lookup) on the synthetic scene.
 
 Cases, timed in rounds: one raw camera with plumb_bob distortion (K, D), the same with per-point probability,
 a rectified camera (R, P), and two cameras (front and rear). The clouds are float32 like a LiDAR driver's; most
@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from ecmnet_core.benchmarking import disturbance_note, environment, time_interleaved
+from ecmnet_core.bench.timing import disturbance_note, environment, time_interleaved
 from ecmnet_core.points.painting import LabelFrame, paint_points
 from ecmnet_core.points.synthetic import driving_scene
 
