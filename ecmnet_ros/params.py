@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ecmnet_core.engines import ENGINES
+from ecmnet_core.inference import InferenceConfig
 from ecmnet_core.inference.pipeline import TTA_MODES
 from ecmnet_core.model import VARIANTS
 from ecmnet_core.ops.selective_scan import BACKENDS
@@ -202,3 +203,25 @@ def validate(name: str, value: Any, class_names: list[str] | None = None) -> str
         except ValueError as exc:
             return f"parameter 'lidar_to_camera': {exc}"
     return None
+
+
+def inference_config(values: dict[str, Any]) -> InferenceConfig:
+    """The :class:`InferenceConfig` the node's configure-time parameters ask for (``values``: name -> value)."""
+    get = values.__getitem__
+    size = get("input_size")
+    return InferenceConfig(checkpoint=get("checkpoint") or None, model=get("model") or None,
+                           num_classes=get("num_classes"), device=get("device"), fp16=get("fp16"),
+                           channels_last=get("channels_last"), input_size=tuple(size) if size else None,
+                           warmup=get("warmup"), scan_backend=get("scan_backend") or None, backend=get("backend"),
+                           dtype=get("dtype"), optimize=get("optimize"), compile=get("compile"),
+                           cuda_graphs=get("cuda_graphs"), jit=get("jit"), tta=get("tta"))
+
+
+def node_parameters(config: InferenceConfig, model: str | None = None) -> dict[str, Any]:
+    """The node parameters that make a node run ``config`` (the inverse of :func:`inference_config`): how
+    ``replay --live`` starts a node with the model settings offline replay uses."""
+    return {"checkpoint": config.checkpoint or "", "model": model or config.model or "", "device": config.device,
+            "scan_backend": config.scan_backend or "", "channels_last": config.channels_last,
+            "input_size": list(config.input_size) if config.input_size else None, "backend": config.backend,
+            "dtype": config.precision, "optimize": config.optimize, "compile": config.compile, "jit": config.jit,
+            "tta": config.tta}

@@ -567,14 +567,10 @@ class LiveReplay:
 # ------------------------------------------------------------------------------------------------ CLI glue
 def config_from_args(args: argparse.Namespace) -> LiveReplayConfig:
     from ecmnet_core.inference.options import inference_config_from_args
+    from ecmnet_ros.params import node_parameters
 
     # the spawned node gets the model settings offline replay uses: the same options, read the same way
-    cfg = inference_config_from_args(args)
-    params = {"checkpoint": cfg.checkpoint or "", "model": args.model or "", "device": cfg.device,
-              "scan_backend": cfg.scan_backend or "", "channels_last": cfg.channels_last,
-              "input_size": list(cfg.input_size) if cfg.input_size else None, "backend": cfg.backend,
-              "dtype": cfg.precision, "optimize": cfg.optimize, "compile": cfg.compile, "jit": cfg.jit,
-              "tta": cfg.tta}
+    params = node_parameters(inference_config_from_args(args), model=args.model)
     if args.num_classes:
         params["num_classes"] = args.num_classes
     return LiveReplayConfig(

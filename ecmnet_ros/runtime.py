@@ -6,7 +6,9 @@ thread aborts the process with "terminate called without an active exception").
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,10 +17,13 @@ from typing import Any
 
 import rclpy
 from builtin_interfaces.msg import Time
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.context import Context
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from std_msgs.msg import Header
+
+from ecmnet_ros.params import DOUBLE, INTEGER, STARTUP, ParamSpec
 
 
 def isolate_discovery(domain_id: int | None = None) -> int:
@@ -162,3 +167,51 @@ def make_header(stamp_ns: int, frame_id: str = "camera") -> Header:
 def stamp_ns(header: Any) -> int:
     """Header stamp in nanoseconds (works on rclpy and rosbags headers)."""
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+class ShutdownRequested(Exception):
+    """A SIGINT/SIGTERM raised into a configure that runs on the main thread (checkpoint load, trace, warm-up),
+    so that a signal during a slow start-up ends the process at once instead of after the warm-up."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, interruptible: threading.Event,
+                    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into ``stop.set()`` while inside (and into :class:`ShutdownRequested` while
+    ``interruptible`` is set); the previous handlers come back on exit. Yields the signals received.
+
+    rclpy's own handler shuts the context down from inside the signal and Python's raises KeyboardInterrupt
+    wherever the main thread happens to be (``executor.shutdown()``, a publisher): both tear the node down
+    half-way. A flag lets ``main`` stop in order instead, and a second signal (a terminal's Ctrl-C reaches
+    ``ros2 launch`` and the node, then launch sends its own) changes nothing.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signal.signal only works there
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+        if interruptible.is_set():
+            interruptible.clear()
+            raise ShutdownRequested(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def parameter_descriptor(spec: ParamSpec) -> ParameterDescriptor:
+    """The rclpy descriptor of a :class:`ecmnet_ros.params.ParamSpec`: type, description, range, read-only."""
+    desc = ParameterDescriptor(name=spec.name, type=spec.type, description=spec.description,
+                               additional_constraints=spec.constraints, read_only=spec.kind == STARTUP)
+    if spec.range is not None and spec.type == INTEGER:
+        desc.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=0)]
+    elif spec.range is not None and spec.type == DOUBLE:
+        desc.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]),
+                                                        to_value=float(spec.range[1]), step=0.0)]
+    return desc

@@ -17,20 +17,17 @@ activates the node itself unless ``autostart`` is false.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -42,14 +39,23 @@ from std_msgs.msg import Float32MultiArray, Header
 
 from ecmnet_core.allocator import limit_arenas, malloc_trim
 from ecmnet_core.image_messages import ImageConversionError, check_message, message_to_bgr8
-from ecmnet_core.inference import InferenceConfig, Segmenter
+from ecmnet_core.inference import Segmenter
 from ecmnet_ros import diagnostics as diag
 from ecmnet_ros.messages import bgr_message, coverage_array, coverage_stamped, labels_message, scale_camera_info
 from ecmnet_ros.painting import PointPainter, transform_source
-from ecmnet_ros.params import CLASS_NAMES, CONFIGURE, DOUBLE, INTEGER, PARAMS, SPECS, STARTUP, LiveSettings, validate
-from ecmnet_ros.runtime import Spinner, stamp_ns
-from ecmnet_ros.stats import ErrorCounter, LatencyWindow, LatestSlot, RateMeter
-from ecmnet_ros.topics import StreamTopics, plan_streams
+from ecmnet_ros.params import (
+    CLASS_NAMES,
+    CONFIGURE,
+    PARAMS,
+    SPECS,
+    LiveSettings,
+    inference_config,
+    validate,
+)
+from ecmnet_ros.runtime import ShutdownRequested, Spinner, parameter_descriptor, stamp_ns, stop_on_signals
+from ecmnet_ros.stats import LatestSlot
+from ecmnet_ros.stream import WARN_PERIOD_S, Stream
+from ecmnet_ros.topics import plan_streams
 
 #: Camera drivers publish reliable or best effort; a best-effort, depth-1 subscriber matches both and never queues.
 IMAGE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
@@ -58,47 +64,7 @@ IMAGE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=Rel
 RESULT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE,
                         durability=DurabilityPolicy.VOLATILE)
 DIAGNOSTICS_PERIOD_S = 1.0
-WARN_PERIOD_S = 5.0  # one warning per kind of bad message per camera in this period
 STOP_TIMEOUT_S = 30.0
-
-
-@dataclass
-class Stream:
-    """One camera: its topics, newest-frame slot, publishers and statistics."""
-
-    topics: StreamTopics
-    slot: LatestSlot
-    name: str = ""  # the input topic fully resolved (namespace + remapping): names the camera in logs/diagnostics
-    labels_topic: str = ""
-    publishers: dict[str, Any] = field(default_factory=dict)
-    subscriptions: list[Any] = field(default_factory=list)
-    camera_info: CameraInfo | None = None
-    next_due: float = 0.0
-    input_rate: RateMeter = field(default_factory=RateMeter)
-    output_rate: RateMeter = field(default_factory=RateMeter)
-    latency: LatencyWindow = field(default_factory=LatencyWindow)
-    inference: LatencyWindow = field(default_factory=LatencyWindow)  # forward pass (Segmenter's inference_ms)
-    model: LatencyWindow = field(default_factory=LatencyWindow)  # whole Segmenter call (pre/post-processing too)
-    stamp_age: LatencyWindow = field(default_factory=LatencyWindow)
-    errors: ErrorCounter = field(default_factory=lambda: ErrorCounter(WARN_PERIOD_S))
-    processed: int = 0
-    last_output: float = 0.0
-
-    def wants(self, name: str) -> bool:
-        """True when the (lazy) output ``name`` has at least one subscriber."""
-        pub = self.publishers.get(name)
-        return pub is not None and pub.get_subscription_count() > 0
-
-
-def _descriptor(spec) -> ParameterDescriptor:
-    desc = ParameterDescriptor(name=spec.name, type=spec.type, description=spec.description,
-                               additional_constraints=spec.constraints, read_only=spec.kind == STARTUP)
-    if spec.range is not None and spec.type == INTEGER:
-        desc.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=0)]
-    elif spec.range is not None and spec.type == DOUBLE:
-        desc.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]),
-                                                        to_value=float(spec.range[1]), step=0.0)]
-    return desc
 
 
 class SegmenterNode(LifecycleNode):
@@ -123,7 +89,7 @@ class SegmenterNode(LifecycleNode):
         super().__init__(node_name, **kwargs)
         for spec in PARAMS:
             value = spec.default if spec.default is not None else Parameter.Type(spec.type)
-            self.declare_parameter(spec.name, value, _descriptor(spec))
+            self.declare_parameter(spec.name, value, parameter_descriptor(spec))
         self._live = LiveSettings.from_values(self.parameter_values())
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
@@ -162,17 +128,6 @@ class SegmenterNode(LifecycleNode):
         """Current value of every node parameter in :data:`ecmnet_ros.params.PARAMS` (None when unset)."""
         return {spec.name: self.get_parameter_or(spec.name).value for spec in PARAMS}
 
-    def _inference_config(self) -> InferenceConfig:
-        values = self.parameter_values()
-        get = values.__getitem__
-        size = get("input_size")
-        return InferenceConfig(checkpoint=get("checkpoint") or None, model=get("model") or None,
-                               num_classes=get("num_classes"), device=get("device"), fp16=get("fp16"),
-                               channels_last=get("channels_last"), input_size=tuple(size) if size else None,
-                               warmup=get("warmup"), scan_backend=get("scan_backend") or None, backend=get("backend"),
-                               dtype=get("dtype"), optimize=get("optimize"), compile=get("compile"),
-                               cuda_graphs=get("cuda_graphs"), jit=get("jit"), tta=get("tta"))
-
     def _publish_class_names(self, names: list[str]) -> None:
         desc = ParameterDescriptor(name=CLASS_NAMES, type=Parameter.Type.STRING_ARRAY.value, read_only=True,
                                    description="class names of the loaded model, index = class id in ~/labels "
@@ -197,7 +152,7 @@ class SegmenterNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         log = self.get_logger()
         try:
-            config = self._inference_config()
+            config = inference_config(self.parameter_values())
             topics = self.get_parameter_or("image_topics").value or []
             plans = plan_streams(list(topics), self.get_parameter("compressed").value, self.get_name())
             transforms = None
@@ -464,119 +419,17 @@ class SegmenterNode(LifecycleNode):
 
     def diagnostics(self) -> DiagnosticArray:
         """One status for the model/device and one per camera (also what ``publish_diagnostics`` sends)."""
-        name = self.get_fully_qualified_name()
-        seg = self.segmenter
-        state = "active" if self._active else ("inactive" if self._configured else "unconfigured")
-        hardware_id, device_values = diag.device_facts(seg.device if seg else None)
-        values: dict[str, Any] = {"state": state}
-        if seg is not None:
-            facts = seg.describe()
-            values.update(model=facts["model"], checkpoint=facts["checkpoint"],
-                          checkpoint_hash=facts["checkpoint_hash"], random_weights=seg.random_weights,
-                          device=self._device_note, dtype=facts["dtype"], scan_backend=facts["scan_backend"],
-                          input_size=facts["input_size"], classes=facts["classes"], **device_values)
-        if self._last_error:
-            level, message = diag.ERROR, self._last_error
-        elif seg is None:
-            level, message = diag.WARN, f"{state}: no model loaded"
-        elif seg.random_weights:
-            level, message = diag.WARN, f"{state}: RANDOM WEIGHTS, output is meaningless"
-        else:
-            level, message = (diag.OK if self._active else diag.WARN), f"{state} on {self._device_note}"
-        statuses = [diag.make_status(f"{name}: model", level, message, hardware_id, values)]
-        now = time.monotonic()
-        for stream in self.streams:
-            statuses.append(self._stream_status(name, stream, now, hardware_id))
-        if self.painter is not None:
-            statuses.append(self._points_status(name, self.painter, hardware_id))
+        statuses = diag.node_statuses(self.get_fully_qualified_name(), self.segmenter, self.streams, self.painter,
+                                      active=self._active, configured=self._configured,
+                                      device_note=self._device_note, last_error=self._last_error,
+                                      max_rate_hz=self._live.max_rate_hz)
         return DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=statuses)
-
-    def _stream_status(self, name: str, stream: Stream, now: float, hardware_id: str):
-        lat50, lat95, latmax = stream.latency.percentiles(50, 95, 100)
-        inf50, inf95 = stream.inference.percentiles(50, 95)
-        (model50,) = stream.model.percentiles(50)
-        (age50,) = stream.stamp_age.percentiles(50)
-        values: dict[str, Any] = {
-            "input_topic": stream.name,
-            "labels_topic": stream.labels_topic,
-            "input_rate_hz": stream.input_rate.rate(now), "output_rate_hz": stream.output_rate.rate(now),
-            "frames_received": stream.slot.received, "frames_processed": stream.processed,
-            "frames_dropped_stale": stream.slot.dropped, "bad_messages": stream.errors.total,
-            **{f"bad_messages_{k}": v for k, v in sorted(stream.errors.counts.items())},
-            "last_bad_message": stream.errors.last_message or "-",
-            "latency_p50_ms": lat50, "latency_p95_ms": lat95, "latency_max_ms": latmax,
-            "inference_p50_ms": inf50, "inference_p95_ms": inf95, "model_call_p50_ms": model50,
-            "node_overhead_p50_ms": lat50 - model50, "stamp_age_p50_ms": age50,
-            "max_rate_hz": self._live.max_rate_hz,
-        }
-        if not self._active:
-            level, message = diag.WARN, "inactive"
-        elif stream.input_rate.rate(now) == 0.0:
-            level, message = diag.WARN, "no input frames in the last 2 s"
-        elif now - stream.last_output > 2.0:
-            level, message = diag.WARN, "receiving frames but no output in the last 2 s"
-        else:
-            level, message = diag.OK, "segmenting"
-        if stream.errors.total:
-            message += f"; {stream.errors.total} bad messages"
-        return diag.make_status(f"{name}: {stream.name}", level, message, hardware_id, values)
-
-    def _points_status(self, name: str, painter: PointPainter, hardware_id: str):
-        values = painter.values()
-        s = painter.stats
-        if not self._active:
-            level, message = diag.WARN, "inactive"
-        elif s.clouds_received == 0:
-            level, message = diag.WARN, "no point clouds received"
-        elif s.clouds_painted == 0:
-            level, message = diag.WARN, "receiving clouds, none painted yet"
-        else:
-            level, message = diag.OK, "painting"
-        if s.errors.total:
-            message += f"; {s.errors.total} bad clouds or painting errors"
-        return diag.make_status(f"{name}: {painter.topic}", level, message, hardware_id, values)
 
     def publish_diagnostics(self) -> None:
         try:
             self._diagnostics_pub.publish(self.diagnostics())
         except Exception as exc:  # e.g. a lifecycle transition swapping the streams mid-way: skip this tick
             self.get_logger().warning(f"diagnostics skipped: {exc!r}", throttle_duration_sec=10.0)
-
-
-class ShutdownRequested(Exception):
-    """A SIGINT/SIGTERM raised into a configure that runs on the main thread (checkpoint load, trace, warm-up),
-    so that a signal during a slow start-up ends the process at once instead of after the warm-up."""
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, interruptible: threading.Event,
-                    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[list[int]]:
-    """Turn SIGINT/SIGTERM into ``stop.set()`` while inside (and into :class:`ShutdownRequested` while
-    ``interruptible`` is set); the previous handlers come back on exit. Yields the signals received.
-
-    rclpy's own handler shuts the context down from inside the signal and Python's raises KeyboardInterrupt
-    wherever the main thread happens to be (``executor.shutdown()``, a publisher): both tear the node down
-    half-way. A flag lets ``main`` stop in order instead, and a second signal (a terminal's Ctrl-C reaches
-    ``ros2 launch`` and the node, then launch sends its own) changes nothing.
-    """
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # signal.signal only works there
-        yield received
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        received.append(signum)
-        stop.set()
-        if interruptible.is_set():
-            interruptible.clear()
-            raise ShutdownRequested(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
-    try:
-        yield received
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -1,0 +1,42 @@
+"""One camera's state inside the segmenter node: its topics, newest-frame slot, publishers and statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sensor_msgs.msg import CameraInfo
+
+from ecmnet_ros.stats import ErrorCounter, LatencyWindow, LatestSlot, RateMeter
+from ecmnet_ros.topics import StreamTopics
+
+#: One warning per kind of bad message per camera in this period (the rest are counted).
+WARN_PERIOD_S = 5.0
+
+
+@dataclass
+class Stream:
+    """One camera: its topics, newest-frame slot, publishers and statistics."""
+
+    topics: StreamTopics
+    slot: LatestSlot
+    name: str = ""  # the input topic fully resolved (namespace + remapping): names the camera in logs/diagnostics
+    labels_topic: str = ""
+    publishers: dict[str, Any] = field(default_factory=dict)
+    subscriptions: list[Any] = field(default_factory=list)
+    camera_info: CameraInfo | None = None
+    next_due: float = 0.0
+    input_rate: RateMeter = field(default_factory=RateMeter)
+    output_rate: RateMeter = field(default_factory=RateMeter)
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+    inference: LatencyWindow = field(default_factory=LatencyWindow)  # forward pass (Segmenter's inference_ms)
+    model: LatencyWindow = field(default_factory=LatencyWindow)  # whole Segmenter call (pre/post-processing too)
+    stamp_age: LatencyWindow = field(default_factory=LatencyWindow)
+    errors: ErrorCounter = field(default_factory=lambda: ErrorCounter(WARN_PERIOD_S))
+    processed: int = 0
+    last_output: float = 0.0
+
+    def wants(self, name: str) -> bool:
+        """True when the (lazy) output ``name`` has at least one subscriber."""
+        pub = self.publishers.get(name)
+        return pub is not None and pub.get_subscription_count() > 0
