@@ -21,8 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("ecmnet_core.data.pack_cli", "pack a dataset split into tar shards"),
     "make-bag": ("ecmnet_core.bags.make_bag", "write a rosbag2 from an image folder or dataset split"),
     "replay": ("ecmnet_core.bags.replay", "evaluate a segmenter on a rosbag2 (offline, or live against a node)"),
-    "export": ("ecmnet_core.export", "export a model to ONNX for one input size"),
-    "release": ("ecmnet_core.release", "strip training state from a checkpoint for shipping"),
+    "export": ("ecmnet_core.engines.export", "export a model to ONNX for one input size"),
+    "release": ("ecmnet_core.train.release", "strip training state from a checkpoint for shipping"),
 }
 
 

@@ -131,7 +131,7 @@ def test_onnxruntime_backend_gives_the_torch_labels(cache) -> None:
 
 def test_exported_file_runs_without_the_checkpoint(tmp_path, cache) -> None:
     """An ``ecmnet-core export`` file is a complete model: classes, palette, normalisation and size come from it."""
-    from ecmnet_core.export import export_checkpoint, read_onnx_checkpoint
+    from ecmnet_core.engines.export import export_checkpoint, read_onnx_checkpoint
 
     ckpt = random_checkpoint("ecmnet", 4)
     ckpt.class_names = ["road", "sky", "car", "tree"]

@@ -1,4 +1,4 @@
-"""ONNX export (``ecmnet_core.export``): each building block and the whole model export, and onnxruntime
+"""ONNX export (``ecmnet_core.engines.export``): each building block and the whole model export, and onnxruntime
 reproduces PyTorch's outputs on CPU at a small size (64x96; the selective scan is one ONNX Scan over time).
 
 With the packaged (trained) checkpoint the logits agree within 1e-3 absolute (measured ~1.3e-5). A random-init
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from ecmnet_core.export import export_onnx, lower_recurrence, run_onnx, verify_onnx
+from ecmnet_core.engines.export import export_onnx, lower_recurrence, run_onnx, verify_onnx
 from ecmnet_core.model import DDA, EDAB, MSAU, SS2D, build_model
 from ecmnet_core.model.ffm import FFM
 from ecmnet_core.model.layers import DownSamplingBlock, UpsamplingBlock

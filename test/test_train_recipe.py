@@ -17,8 +17,8 @@ from ecmnet_core.checkpoint import load_checkpoint
 from ecmnet_core.data import DataError, build_dataset
 from ecmnet_core.data.layout import keeps, parse_split
 from ecmnet_core.data.transforms import TrainTransform, blur_noise
-from ecmnet_core.release import release_checkpoint
 from ecmnet_core.train.ema import ModelEMA
+from ecmnet_core.train.release import release_checkpoint
 from ecmnet_core.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

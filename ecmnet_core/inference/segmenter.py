@@ -134,7 +134,7 @@ class Segmenter:
 
     def _load(self, config: InferenceConfig) -> Checkpoint:
         if config.checkpoint and str(config.checkpoint).lower().endswith(".onnx"):
-            from ecmnet_core.export import read_onnx_checkpoint
+            from ecmnet_core.engines.export import read_onnx_checkpoint
 
             self.checkpoint_path = Path(config.checkpoint)
             ckpt = read_onnx_checkpoint(config.checkpoint)

@@ -303,7 +303,8 @@ def _exporting() -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # ONNX export: the recurrence as one ONNX ``Scan`` node
 
-#: Domain and name of the placeholder node that :func:`ecmnet_core.export.export_onnx` rewrites into an ONNX Scan.
+#: Domain and name of the placeholder node that :func:`ecmnet_core.engines.export.export_onnx` rewrites into an
+#: ONNX Scan.
 RECURRENCE_OP = ("ecmnet", "Recurrence")
 
 
@@ -320,7 +321,7 @@ def _recurrence_loop(h0: Tensor, dA: Tensor, dBu: Tensor, C: Tensor) -> Tensor:
 
 class _RecurrenceForExport(torch.autograd.Function):
     """The recurrence as one placeholder node while exporting; the exporter turns it into an ONNX ``Scan`` whose
-    body is Mul, Add, MatMul (:func:`ecmnet_core.export.lower_recurrence`), so the graph does not grow with L
+    body is Mul, Add, MatMul (:func:`ecmnet_core.engines.export.lower_recurrence`), so the graph does not grow with L
     and ONNX Runtime steps through time without per-step graph overhead."""
 
     @staticmethod

@@ -542,55 +542,19 @@ class Trainer:
                     raise
                 stopped = "signal"  # Ctrl-C also reached the loader workers; the state is still consistent
                 break
-            images = prepare_batch(images.to(self.device, non_blocking=True), self.path)
-            labels = labels.to(self.device, non_blocking=True)
             lr = self.optimizer.param_groups[0]["lr"]
-            # BatchNorm statistics change in the forward pass: keep a copy to undo a bad batch (a few KB)
-            saved_buffers = [b.detach().clone() for b in self.model.buffers()]
-            with torch.autocast(self.device.type, enabled=self.amp):
-                logits = net(images)
-            loss = self.criterion(logits, labels)
-            bad = not bool(torch.isfinite(loss))
-            flags = _flags(bad, self._stop_signal is not None, env)
-            if flags[0]:
-                # skip the update on every rank: weights, BatchNorm statistics, optimiser and scaler stay as they were
-                self.bad_streak += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for buffer, saved in zip(self.model.buffers(), saved_buffers):
-                        buffer.copy_(saved)
-                if self.bad_streak > c.max_bad_batches:
-                    raise TrainingError(f"{self.bad_streak} consecutive batches with a non-finite loss at iteration "
-                                        f"{self.global_iter}; {self.run_dir}/last.pt keeps the last good state")
-                if env.is_main:
-                    print(f"\nwarning: non-finite loss at iteration {self.global_iter}, batch skipped",
-                          file=sys.stderr)
-            else:
-                self.bad_streak = 0
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if c.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if self.ema is not None:
-                    self.ema.update(self.model)
-                self.epoch_loss_sum += float(loss.detach())
-                self.epoch_loss_count += 1
+            loss_value, stop_requested = self._step(net, images, labels)
             self.scheduler.step()
             self._apply_rewarm(self.global_iter + 1)
             self.global_iter += 1
             self.iter_in_epoch += 1
-            loss_value = float(loss.detach())
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             if logger is not None and self.global_iter % 10 == 0:
                 logger.log_scalar("train/loss", loss_value, self.global_iter)
                 logger.log_scalar("train/lr", lr, self.global_iter)
-            # single process: honour a signal right after this step; DDP: all ranks agree on it with the flags
-            if flags[1] or (not env.distributed and self._stop_signal is not None):
+            if stop_requested:
                 stopped = "signal"
                 break
             if c.checkpoint_every and self.global_iter % c.checkpoint_every == 0 \
@@ -605,8 +569,50 @@ class Trainer:
         if self.iter_in_epoch < self.iters_per_epoch and self.global_iter < self.total_iters:
             raise TrainingError(f"the data loader stopped after {self.iter_in_epoch} of {self.iters_per_epoch} "
                                 f"iterations of epoch {self.epoch + 1}")
+        return self._end_epoch(logger, epoch_start)
 
-        # epoch (or the whole max_iters budget) done
+    def _step(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:
+        """One optimisation step; a non-finite loss skips the update on every rank (weights, BatchNorm statistics,
+        optimiser and scaler stay as they were). Returns (loss, whether any rank was asked to stop)."""
+        c, env = self.config.train, self.env
+        images = prepare_batch(images.to(self.device, non_blocking=True), self.path)
+        labels = labels.to(self.device, non_blocking=True)
+        # BatchNorm statistics change in the forward pass: keep a copy to undo a bad batch (a few KB)
+        saved_buffers = [b.detach().clone() for b in self.model.buffers()]
+        with torch.autocast(self.device.type, enabled=self.amp):
+            logits = net(images)
+        loss = self.criterion(logits, labels)
+        bad, stop = _flags(not bool(torch.isfinite(loss)), self._stop_signal is not None, env)
+        if bad:
+            self.bad_streak += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), saved_buffers):
+                    buffer.copy_(saved)
+            if self.bad_streak > c.max_bad_batches:
+                raise TrainingError(f"{self.bad_streak} consecutive batches with a non-finite loss at iteration "
+                                    f"{self.global_iter}; {self.run_dir}/last.pt keeps the last good state")
+            if env.is_main:
+                print(f"\nwarning: non-finite loss at iteration {self.global_iter}, batch skipped", file=sys.stderr)
+        else:
+            self.bad_streak = 0
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if c.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.epoch_loss_sum += float(loss.detach())
+            self.epoch_loss_count += 1
+        # single process: honour a signal right after this step; DDP: all ranks agree on it with the flags
+        return float(loss.detach()), stop or (not env.distributed and self._stop_signal is not None)
+
+    def _end_epoch(self, logger: RunLogger | None, epoch_start: float) -> str:
+        """The epoch (or the whole max_iters budget) is done: validate when due, save, log."""
+        c, env = self.config.train, self.env
         self.epoch_time += time.perf_counter() - epoch_start
         self.wall_time += time.perf_counter() - epoch_start
         finished = self.iter_in_epoch >= self.iters_per_epoch

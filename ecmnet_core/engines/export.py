@@ -217,7 +217,7 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, x: torch.Tensor) -> f
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# command line (``python -m ecmnet_core.export``; the lead may register it as ``ecmnet-core export``)
+# command line (``ecmnet-core export``, or ``python -m ecmnet_core.engines.export``)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -261,6 +261,6 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     import sys
 
-    _parser = argparse.ArgumentParser(prog="python -m ecmnet_core.export", description=__doc__.splitlines()[0])
+    _parser = argparse.ArgumentParser(prog="python -m ecmnet_core.engines.export", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     sys.exit(run(_parser.parse_args()))
