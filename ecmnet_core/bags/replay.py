@@ -79,13 +79,12 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
     Args:
         reader: the open bag.
         segmenter: the model, built from the same :class:`InferenceConfig` as the ROS node. Predictions are made
-            as ``ecmnet-core eval`` makes them (:func:`ecmnet_core.evaluate.segment_images`), so the mIoU equals
-            the evaluator's on the same frames.
+            as ``ecmnet-core eval`` makes them (:func:`ecmnet_core.inference.pipeline.segment_images`), so the mIoU
+            equals the evaluator's on the same frames.
         image_topic / label_topic: see :meth:`BagReader.resolve_topics` (None = auto, "" = no labels).
         start_offset: skip this many seconds of the bag's start.
         max_frames: stop after this many image frames.
-        output_bag: write a copy of the bag with the predictions on ``output_label_topic``.
-        progress: show a progress bar on stderr.
+        output_bag: write a copy of the bag with the predictions on ``output_label_topic``; progress: a bar on stderr.
         points_topic: PointCloud2 topic to paint with the predictions (None = the bag's ``make-bag --lidar``
             topic or its only cloud topic, "" = none); needs a CameraInfo topic and ``lidar_to_camera`` (16
             numbers, row-major; default: the bag's metadata).
@@ -95,34 +94,14 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
         raise ValueError(f"--start-offset must be >= 0 seconds, got {start_offset}")
     start_ns = reader.start_ns + int(start_offset * 1e9) if start_offset else None
     names, first_index = frame_names(reader, image.name, start_ns)
-    class_names, palette = display_classes(reader, segmenter)
-    report = ReplayReport(
-        "offline", class_names, palette=palette,
-        bag={"path": str(reader.path), "storage": reader.storage, "image_topic": image.name,
-             "image_type": image.msgtype, "label_topic": label.name if label else None,
-             "messages": reader.message_count, "duration_s": reader.duration_ns / 1e9,
-             "start_offset_s": start_offset, "dataset": reader.custom_data.get("dataset")},
-        segmenter={**segmenter.describe(), "random_weights": bool(segmenter.random_weights)})
+    report = _offline_report(reader, segmenter, image, label, start_offset)
     writer = LabelBagWriter(Path(output_bag), reader, output_label_topic) if output_bag else None
-    painter = PointsReplay.from_bag(reader, class_names, points_topic, lidar_to_camera)
+    painter = PointsReplay.from_bag(reader, report.class_names, points_topic, lidar_to_camera)
     report.points = painter
-
-    pending_pred: dict[int, tuple[FrameRecord, np.ndarray]] = {}
-    pending_gt: dict[int, tuple[int, np.ndarray]] = {}
+    match = _Matcher(report, labelled=label is not None)
     seen_stamps: set[int] = set()
     index = first_index
-    total = image.count if max_frames is None else min(image.count, max_frames)
-    bar = _progress(total, progress)
-
-    def flush(now_ns: int | None) -> None:
-        """Finalise predictions whose label never came, and forget labels whose image never came."""
-        for stamp in [s for s, (r, _) in pending_pred.items() if now_ns is None or now_ns - r.t_ns > MATCH_WINDOW_NS]:
-            record, pred = pending_pred.pop(stamp)
-            report.add_frame(record, pred)
-        for stamp in [s for s, (t, _) in pending_gt.items() if now_ns is None or now_ns - t > MATCH_WINDOW_NS]:
-            pending_gt.pop(stamp)
-            report.unmatched_labels += 1
-
+    bar = _progress(image.count if max_frames is None else min(image.count, max_frames), progress)
     topics = [image.name] + ([label.name] if label else []) + (painter.topics if painter else [])
     to_read = None if writer else topics  # the output bag copies every topic
     try:
@@ -130,7 +109,7 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
         for msg in reader.messages(to_read, start_ns=start_ns, deserialize=topics):
             if writer is not None:
                 writer.write_raw(msg.topic, msg.t_ns, msg.raw)
-            if done and not pending_pred and writer is None:
+            if done and not match.pending_pred and writer is None:
                 break
             if msg.msg is None:
                 continue
@@ -139,26 +118,21 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
                     painter.on_message(msg, reader)
                 continue
             if label is not None and msg.topic == label.name:
-                if done and msg.stamp_ns not in pending_pred:
+                if done and msg.stamp_ns not in match.pending_pred:
                     continue  # past --max-frames: only labels of frames already predicted matter
                 gt = _decode(reader, msg, label.msgtype, decode_label_message)
-                if gt is None:
-                    continue
-                if painter is not None:
-                    painter.on_ground_truth(msg.stamp_ns, gt)
-                if msg.stamp_ns in pending_pred:
-                    record, pred = pending_pred.pop(msg.stamp_ns)
-                    report.add_frame(record, pred, gt)
-                else:
-                    pending_gt[msg.stamp_ns] = (msg.t_ns, gt)
+                if gt is not None:
+                    if painter is not None:
+                        painter.on_ground_truth(msg.stamp_ns, gt)
+                    match.on_label(msg.stamp_ns, msg.t_ns, gt)
                 continue
             if msg.topic != image.name:
                 continue
             if max_frames is not None and index - first_index >= max_frames:
                 if not done:
-                    pending_gt.clear()  # labels read ahead belong to frames that will not be predicted
+                    match.pending_gt.clear()  # labels read ahead belong to frames that will not be predicted
                 done = True  # from here on messages are only copied (output bag) or matched to pending frames
-                flush(msg.t_ns)
+                match.flush(msg.t_ns)
                 continue
             name = names[index] if index < len(names) else ""
             picture = _decode(reader, msg, image.msgtype, decode_image_message)
@@ -170,25 +144,16 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
                 log.warning("bag %s: image stamp %d repeats (frame %d); ground truth matches the first one",
                             reader.path, msg.stamp_ns, index)
             seen_stamps.add(msg.stamp_ns)
-            started = time.perf_counter()
-            pred = segment_images(segmenter, [picture])[0]
-            record = FrameRecord(index, msg.stamp_ns, msg.t_ns, name,
-                                 inference_ms=(time.perf_counter() - started) * 1000.0,
-                                 coverage=segmenter.coverage(pred))
+            record, pred = _predict(segmenter, picture, FrameRecord(index, msg.stamp_ns, msg.t_ns, name))
             if writer is not None:
                 writer.write_labels(msg.t_ns, msg.stamp_ns, msg.frame_id, pred)
             if painter is not None:
                 painter.on_prediction(msg.stamp_ns, msg.t_ns, pred)
-            if msg.stamp_ns in pending_gt:
-                report.add_frame(record, pred, pending_gt.pop(msg.stamp_ns)[1])
-            elif label is None:
-                report.add_frame(record, pred)
-            else:
-                pending_pred[msg.stamp_ns] = (record, pred)
+            match.on_prediction(record, pred)
             index += 1
             bar.update(1)
-            flush(msg.t_ns)
-        flush(None)
+            match.flush(msg.t_ns)
+        match.flush(None)
         if painter is not None:
             painter.finish()
     except BaseException:
@@ -203,6 +168,63 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
     if not report.frames:
         raise BagError(f"bag {reader.path}: no image frames on {image.name} after the start offset")
     return report
+
+
+def _predict(segmenter: Segmenter, picture: np.ndarray, record: FrameRecord) -> tuple[FrameRecord, np.ndarray]:
+    """Segment one frame as ``ecmnet-core eval`` does; the record gets its inference time and coverage."""
+    started = time.perf_counter()
+    pred = segment_images(segmenter, [picture])[0]
+    record.inference_ms = (time.perf_counter() - started) * 1000.0
+    record.coverage = segmenter.coverage(pred)
+    return record, pred
+
+
+def _offline_report(reader: BagReader, segmenter: Segmenter, image: Any, label: Any,
+                    start_offset: float) -> ReplayReport:
+    """An empty report for an offline replay of ``image`` (scored against ``label``, if any) in ``reader``."""
+    class_names, palette = display_classes(reader, segmenter)
+    return ReplayReport(
+        "offline", class_names, palette=palette,
+        bag={"path": str(reader.path), "storage": reader.storage, "image_topic": image.name,
+             "image_type": image.msgtype, "label_topic": label.name if label else None,
+             "messages": reader.message_count, "duration_s": reader.duration_ns / 1e9,
+             "start_offset_s": start_offset, "dataset": reader.custom_data.get("dataset")},
+        segmenter={**segmenter.describe(), "random_weights": bool(segmenter.random_weights)})
+
+
+class _Matcher:
+    """Pairs predictions with ground-truth labels by header stamp, whichever arrives first, within
+    ``MATCH_WINDOW_NS`` of bag time; unmatched predictions are reported without a score, unmatched labels counted."""
+
+    def __init__(self, report: ReplayReport, labelled: bool) -> None:
+        self.report, self.labelled = report, labelled
+        self.pending_pred: dict[int, tuple[FrameRecord, np.ndarray]] = {}
+        self.pending_gt: dict[int, tuple[int, np.ndarray]] = {}
+
+    def on_label(self, stamp_ns: int, t_ns: int, gt: np.ndarray) -> None:
+        if stamp_ns in self.pending_pred:
+            record, pred = self.pending_pred.pop(stamp_ns)
+            self.report.add_frame(record, pred, gt)
+        else:
+            self.pending_gt[stamp_ns] = (t_ns, gt)
+
+    def on_prediction(self, record: FrameRecord, pred: np.ndarray) -> None:
+        if record.stamp_ns in self.pending_gt:
+            self.report.add_frame(record, pred, self.pending_gt.pop(record.stamp_ns)[1])
+        elif not self.labelled:
+            self.report.add_frame(record, pred)
+        else:
+            self.pending_pred[record.stamp_ns] = (record, pred)
+
+    def flush(self, now_ns: int | None) -> None:
+        """Finalise predictions whose label never came, and forget labels whose image never came."""
+        for stamp in [s for s, (r, _) in self.pending_pred.items()
+                      if now_ns is None or now_ns - r.t_ns > MATCH_WINDOW_NS]:
+            record, pred = self.pending_pred.pop(stamp)
+            self.report.add_frame(record, pred)
+        for stamp in [s for s, (t, _) in self.pending_gt.items() if now_ns is None or now_ns - t > MATCH_WINDOW_NS]:
+            self.pending_gt.pop(stamp)
+            self.report.unmatched_labels += 1
 
 
 def _decode(reader: BagReader, msg: BagMessage, msgtype: str, fn: Any) -> np.ndarray | None:
