@@ -19,6 +19,8 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
 from ecmnet_core.bench.timing import latency_summary
 
 TARGET_OVERHEAD_PCT = 15.0
@@ -43,23 +45,83 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Harness:
+    """The bench's side of the graph: publishes numbered frames to the node and waits for each frame's last
+    output; times the same frames through the bare Segmenter for comparison."""
+
+    def __init__(self, args: argparse.Namespace, node: Any, bench: Any, images: list[np.ndarray]) -> None:
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CompressedImage, Image
+
+        self.args, self.node, self.images = args, node, images
+        self.arrived: dict[int, float] = {}
+        self.event = threading.Condition()
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        # the frame is complete when its last output arrived: the overlay (published after labels and colour)
+        # with --with-overlay, else the label image
+        last = "overlay" if args.with_overlay else "labels"
+        self.labels_sub = bench.create_subscription(Image, f"/segmenter/{last}", self._on_output, reliable)
+        self.extra = [bench.create_subscription(Image, f"/segmenter/{t}", lambda m: None, reliable)
+                      for t in ("labels", "color")] if args.with_overlay else []
+        self.pub = bench.create_publisher(CompressedImage if args.compressed else Image,
+                                          "/image/compressed" if args.compressed else "/image", reliable)
+
+    def _on_output(self, msg: Any) -> None:
+        from ecmnet_ros.runtime import stamp_ns
+
+        now = time.monotonic()
+        with self.event:
+            self.arrived[stamp_ns(msg.header)] = now
+            self.event.notify_all()
+
+    def connected(self) -> bool:
+        from ecmnet_ros.runtime import connected
+
+        stream = self.node.streams[0]
+        return connected(self.pub, stream.subscriptions[0], self.labels_sub, *self.extra) \
+            and (not self.extra or stream.wants("overlay"))
+
+    def message(self, i: int) -> Any:
+        from ecmnet_core.image_messages import array_to_compressed, array_to_image
+        from ecmnet_ros.runtime import make_header
+
+        img, header = self.images[i % len(self.images)], make_header(1_000_000_000 + i, "bench")
+        return array_to_compressed(img, "jpeg", header) if self.args.compressed else array_to_image(img, "bgr8",
+                                                                                                   header)
+
+    def through_node(self, i: int) -> tuple[float, float]:
+        """(end-to-end ms, the node's model-call ms for this frame)."""
+        from ecmnet_ros.runtime import stamp_ns, wait_for
+
+        stream, msg = self.node.streams[0], self.message(i)
+        stamp, processed = stamp_ns(msg.header), stream.processed
+        start = time.monotonic()
+        self.pub.publish(msg)
+        with self.event:
+            if not self.event.wait_for(lambda: stamp in self.arrived, self.args.timeout):
+                raise RuntimeError(f"no labels for frame {i} within {self.args.timeout} s")
+            e2e = (self.arrived.pop(stamp) - start) * 1000.0
+        # the node books its timings right after publishing
+        if not wait_for(lambda: stream.processed > processed, 5.0):
+            raise RuntimeError(f"node did not account frame {i}")
+        return e2e, stream.model.last
+
+    def bare(self, i: int) -> float:
+        from ecmnet_core.image_messages import compressed_to_bgr8
+
+        # the node decodes the JPEG: so does the bare path (same work, minus ROS)
+        img = compressed_to_bgr8(self.message(i)) if self.args.compressed else self.images[i % len(self.images)]
+        start = time.perf_counter()
+        self.node.segmenter.segment(img)
+        return (time.perf_counter() - start) * 1000.0
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from rclpy.node import Node
     from rclpy.parameter import Parameter
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import CompressedImage, Image
 
-    from ecmnet_core.image_messages import array_to_compressed, array_to_image
     from ecmnet_ros.demo import choose_model
-    from ecmnet_ros.runtime import (
-        Spinner,
-        connected,
-        isolate_discovery,
-        make_header,
-        ros_context,
-        stamp_ns,
-        wait_for,
-    )
+    from ecmnet_ros.runtime import Spinner, isolate_discovery, ros_context, wait_for
     from ecmnet_ros.segmenter import SegmenterNode
     from ecmnet_ros.synthetic import StreetPattern
 
@@ -79,104 +141,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             if not node.bring_up():
                 raise RuntimeError(f"segmenter failed to start: {node.diagnostics().status[0].message}")
-            arrived: dict[int, float] = {}
-            event = threading.Condition()
-
-            def on_labels(msg: Any) -> None:
-                now = time.monotonic()
-                with event:
-                    arrived[stamp_ns(msg.header)] = now
-                    event.notify_all()
-
-            reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-            # the frame is complete when its last output arrived: the overlay (published after labels and colour)
-            # with --with-overlay, else the label image
-            last = "overlay" if args.with_overlay else "labels"
-            labels_sub = bench.create_subscription(Image, f"/segmenter/{last}", on_labels, reliable)
-            extra = [bench.create_subscription(Image, f"/segmenter/{t}", lambda m: None, reliable)
-                     for t in ("labels", "color")] if args.with_overlay else []
-            pub = bench.create_publisher(CompressedImage if args.compressed else Image,
-                                         "/image/compressed" if args.compressed else "/image", reliable)
+            harness = _Harness(args, node, bench, images)
             spinner.start()
-            stream = node.streams[0]
-            if not wait_for(lambda: connected(pub, stream.subscriptions[0], labels_sub, *extra)
-                            and (not extra or stream.wants("overlay")), 20):
+            if not wait_for(harness.connected, 20):
                 raise RuntimeError("bench publisher/subscriber did not match the node within 20 s")
-            seg = node.segmenter
-
-            def message(i: int) -> Any:
-                img, header = images[i % len(images)], make_header(1_000_000_000 + i, "bench")
-                return array_to_compressed(img, "jpeg", header) if args.compressed else array_to_image(img, "bgr8",
-                                                                                                      header)
-
-            def through_node(i: int) -> tuple[float, float]:
-                """(end-to-end ms, the node's model-call ms for this frame)."""
-                msg = message(i)
-                stamp = stamp_ns(msg.header)
-                processed = stream.processed
-                start = time.monotonic()
-                pub.publish(msg)
-                with event:
-                    if not event.wait_for(lambda: stamp in arrived, args.timeout):
-                        raise RuntimeError(f"no labels for frame {i} within {args.timeout} s")
-                    e2e = (arrived.pop(stamp) - start) * 1000.0
-                # the node books its timings right after publishing
-                if not wait_for(lambda: stream.processed > processed, 5.0):
-                    raise RuntimeError(f"node did not account frame {i}")
-                return e2e, stream.model.last
-
-            def bare(i: int) -> float:
-                img = images[i % len(images)]
-                if args.compressed:  # the node decodes the JPEG: so does the bare path (same work, minus ROS)
-                    from ecmnet_core.image_messages import compressed_to_bgr8
-
-                    start = time.perf_counter()
-                    seg.segment(compressed_to_bgr8(message(i)))
-                    return (time.perf_counter() - start) * 1000.0
-                start = time.perf_counter()
-                seg.segment(img)
-                return (time.perf_counter() - start) * 1000.0
-
+            stream = node.streams[0]
             for i in range(args.warmup):
-                through_node(i)
-                bare(i)
+                harness.through_node(i)
+                harness.bare(i)
             stream.latency.clear()
             stream.inference.clear()
             e2e, in_node, model = [], [], []
             for i in range(args.frames):
                 j = args.warmup + i
                 if i % 2:  # alternate the order so neither path always runs right after the other
-                    model.append(bare(j))
-                t, m = through_node(j)
+                    model.append(harness.bare(j))
+                t, m = harness.through_node(j)
                 e2e.append(t)
                 in_node.append(m)
                 if not i % 2:
-                    model.append(bare(j))
-            node_internal = stream.latency.percentiles(50, 95)
-            inference = stream.inference.percentiles(50, 95)
-            overhead = [t - m for t, m in zip(e2e, in_node)]
-            facts = seg.describe()
-            result = {
-                "frames": args.frames, "image_size": list(args.size), "network_input": facts["input_size"],
-                "model": facts["model"], "checkpoint": facts["checkpoint"], "random_weights": seg.random_weights,
-                "device": node.device_description, "scan_backend": facts["scan_backend"],
-                "input": "jpeg CompressedImage" if args.compressed else "bgr8 Image",
-                "with_overlay": bool(args.with_overlay),
-                "bare_model_ms": latency_summary(model), "node_model_call_ms": latency_summary(in_node),
-                "end_to_end_ms": latency_summary(e2e),
-                "node_overhead_ms": latency_summary(overhead),
-                "node_receive_to_publish_ms": {"p50": node_internal[0], "p95": node_internal[1]},
-                "node_forward_pass_ms": {"p50": inference[0], "p95": inference[1]},
-                "dropped": stream.slot.dropped,
-            }
-            model_p50 = result["node_model_call_ms"]["p50"]
-            result["overhead_pct"] = 100.0 * result["node_overhead_ms"]["p50"] / model_p50
-            bare_p50 = result["bare_model_ms"]["p50"]
-            result["unpaired_overhead_pct"] = 100.0 * (result["end_to_end_ms"]["p50"] - bare_p50) / bare_p50
-            result["target_pct"] = TARGET_OVERHEAD_PCT
-            return result
+                    model.append(harness.bare(j))
+            return _result(args, node, e2e, in_node, model)
         finally:
             spinner.stop()
+
+
+def _result(args: argparse.Namespace, node: Any, e2e: list[float], in_node: list[float],
+            model: list[float]) -> dict[str, Any]:
+    """The bench's JSON: latency summaries of each path, the node's own figures and the overhead."""
+    stream, seg = node.streams[0], node.segmenter
+    node_internal = stream.latency.percentiles(50, 95)
+    inference = stream.inference.percentiles(50, 95)
+    overhead = [t - m for t, m in zip(e2e, in_node)]
+    facts = seg.describe()
+    result = {
+        "frames": args.frames, "image_size": list(args.size), "network_input": facts["input_size"],
+        "model": facts["model"], "checkpoint": facts["checkpoint"], "random_weights": seg.random_weights,
+        "device": node.device_description, "scan_backend": facts["scan_backend"],
+        "input": "jpeg CompressedImage" if args.compressed else "bgr8 Image",
+        "with_overlay": bool(args.with_overlay),
+        "bare_model_ms": latency_summary(model), "node_model_call_ms": latency_summary(in_node),
+        "end_to_end_ms": latency_summary(e2e), "node_overhead_ms": latency_summary(overhead),
+        "node_receive_to_publish_ms": {"p50": node_internal[0], "p95": node_internal[1]},
+        "node_forward_pass_ms": {"p50": inference[0], "p95": inference[1]},
+        "dropped": stream.slot.dropped,
+    }
+    model_p50 = result["node_model_call_ms"]["p50"]
+    result["overhead_pct"] = 100.0 * result["node_overhead_ms"]["p50"] / model_p50
+    bare_p50 = result["bare_model_ms"]["p50"]
+    result["unpaired_overhead_pct"] = 100.0 * (result["end_to_end_ms"]["p50"] - bare_p50) / bare_p50
+    result["target_pct"] = TARGET_OVERHEAD_PCT
+    return result
 
 
 def report(result: dict[str, Any]) -> str:

@@ -43,7 +43,7 @@ def test_bench_reports_paired_node_overhead():
     args = bench.build_parser().parse_args(["--frames", "3", "--warmup", "1", "--size", "64", "96",
                                             "--model", "baseline"])
     result = bench.run(args)
-    assert result["dropped"] == 0 and result["end_to_end_ms"]["n"] == 3
+    assert result["dropped"] == 0 and result["end_to_end_ms"]["count"] == 3
     assert result["end_to_end_ms"]["min"] >= result["node_model_call_ms"]["min"] > 0
     assert result["node_overhead_ms"]["p50"] > 0 and "overhead_pct" in result
     assert "node overhead" in bench.report(result)
