@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ecmnet_core.ops import attention_cpu
+from ecmnet_core.ops import axial_attention_cpu
 from ecmnet_core.ops.axial_attention import BACKENDS, axial_attention, resolve_backend
 
 
@@ -63,7 +63,7 @@ class DDA(nn.Module):
             qkv = F.conv2d(x, self.qkv_weight, self.qkv_bias)
             q, k, v = qkv.split([self.key_dim, self.key_dim, qkv.shape[1] - 2 * self.key_dim], dim=1)
             if qkv.is_contiguous(memory_format=torch.channels_last) and resolve_backend(q, k, v, self.backend) == "cpp":
-                return attention_cpu.axial_attention_qkv_op(qkv, self.key_dim, scale)
+                return axial_attention_cpu.axial_attention_qkv_op(qkv, self.key_dim, scale)
             return axial_attention(q, k, v, scale, backend=self.backend)
         q, k, v = self.query(x), self.key(x), self.value(x)
         # compiled kernel for CPU fp32 inference, PyTorch otherwise (see ecmnet_core.ops.axial_attention)

@@ -10,8 +10,8 @@ Backends:
 
 * ``torch``: batched matmuls and softmax; differentiable, any device and dtype, traceable and ONNX-exportable.
 * ``cpp``: the compiled CPU kernels, fp32 CPU tensors: without autograd the inference kernel
-  (:mod:`ecmnet_core.ops.attention_cpu`), with autograd its forward plus a compiled backward
-  (:mod:`ecmnet_core.ops.attention_train_cpu`).
+  (:mod:`ecmnet_core.ops.axial_attention_cpu`), with autograd its forward plus a compiled backward
+  (:mod:`ecmnet_core.ops.axial_attention_backward_cpu`).
 
 Choice: the ``backend`` argument (DDA passes its ``backend`` attribute), else the ``ECMNET_ATTENTION_BACKEND``
 environment variable (``torch``, ``cpp`` or ``auto``), else ``auto``. ``auto`` picks ``cpp`` for fp32 CPU tensors
@@ -29,7 +29,7 @@ import os
 import torch
 from torch import Tensor
 
-from ecmnet_core.ops import attention_cpu, attention_train_cpu
+from ecmnet_core.ops import axial_attention_backward_cpu, axial_attention_cpu
 
 ENV_VAR = "ECMNET_ATTENTION_BACKEND"
 BACKENDS = ("torch", "cpp")
@@ -91,8 +91,8 @@ def resolve_backend(q: Tensor, k: Tensor, v: Tensor, backend: str | None = None)
     if not fits or _recording():
         return "torch"
     if _needs_autograd(q, k, v):
-        return "cpp" if attention_train_cpu.fits(q, k, v) else "torch"
-    return "cpp" if attention_cpu.is_available() else "torch"
+        return "cpp" if axial_attention_backward_cpu.fits(q, k, v) else "torch"
+    return "cpp" if axial_attention_cpu.is_available() else "torch"
 
 
 def axial_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str | None = None) -> Tensor:
@@ -102,8 +102,8 @@ def axial_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str 
     """
     if resolve_backend(q, k, v, backend) == "cpp":
         if _needs_autograd(q, k, v):
-            return attention_train_cpu.axial_attention_train(q, k, v, float(scale))
-        return attention_cpu.axial_attention_op(q, k, v, float(scale))
+            return axial_attention_backward_cpu.axial_attention_train(q, k, v, float(scale))
+        return axial_attention_cpu.axial_attention_op(q, k, v, float(scale))
     return axial_attention_torch(q, k, v, scale)
 
 

@@ -15,8 +15,6 @@ running statistics, no autocast, nothing being traced or exported; callers use P
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -24,27 +22,19 @@ from torch import Tensor, nn
 from ecmnet_core.ops import cbuild
 
 ABI_VERSION = 1
-SOURCE = Path(__file__).resolve().parent / "csrc" / "bn_prelu_cpu.cpp"
-CACHE_NAME = "bn_prelu_cpu"
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 
-_open = cbuild.abi_opener("ecmnet_bnp_abi_version", ABI_VERSION, {
-    "ecmnet_bn_prelu_forward": ([_P] * 8 + [_I64, _I64, ctypes.c_float, _INT], _INT),
-    "ecmnet_bn_prelu_backward": ([_P] * 11 + [_I64, _I64, _INT], _INT)})
-
 #: OpenMP build: the kernel runs on PyTorch's intra-op threads.
-LibraryLoader = functools.partial(cbuild.LibraryLoader, source=SOURCE, stem="bn_prelu_cpu", opener=_open,
-                                  cache_name=CACHE_NAME, what="compiled CPU BatchNorm+PReLU", extra_flags=("-fopenmp",))
+KERNEL = cbuild.Kernel("bn_prelu_cpu", "ecmnet_bnp_abi_version", ABI_VERSION, {
+    "ecmnet_bn_prelu_forward": ([_P] * 8 + [_I64, _I64, ctypes.c_float, _INT], _INT),
+    "ecmnet_bn_prelu_backward": ([_P] * 11 + [_I64, _I64, _INT], _INT)},
+    what="compiled CPU BatchNorm+PReLU", extra_flags=("-fopenmp",))
 
-_LOADER = LibraryLoader()
 
-
-def load_library() -> ctypes.CDLL | None:
-    """The kernel library, compiled on first call (cached on disk); None, after one warning, if it cannot be built."""
-    return _LOADER.load()
+load_library = KERNEL.load
 
 
 def is_available() -> bool:
@@ -117,4 +107,4 @@ def bn_prelu_train(x: Tensor, bn: nn.BatchNorm2d, prelu_weight: Tensor) -> Tenso
     return out
 
 
-__all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "bn_prelu_train", "fits", "is_available", "load_library"]
+__all__ = ["ABI_VERSION", "KERNEL", "bn_prelu_train", "fits", "is_available", "load_library"]

@@ -1,4 +1,4 @@
-"""Compile-and-load machinery shared by the compiled CPU kernels (selective scan, axial attention).
+"""Compile-and-load machinery shared by the compiled CPU kernels: one :class:`Kernel` per ``csrc/<stem>.cpp``.
 
 A kernel is one C++ source behind a plain C ABI. On first use it is compiled with the system C++ compiler (``$CXX``,
 else ``c++``/``g++``/``clang++``) into a shared library loaded with :mod:`ctypes`; no torch or Python headers are
@@ -127,7 +127,7 @@ class LibraryLoader:
     _lib: ctypes.CDLL | None = None
     _tried: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # The kernel this loader builds; each kernel module binds them (functools.partial).
+    # The kernel this loader builds (set by Kernel.new_loader).
     source: Path | None = field(default=None, kw_only=True)
     stem: str = field(default="", kw_only=True)
     opener: Opener | None = field(default=None, kw_only=True, repr=False)
@@ -226,5 +226,60 @@ def _compile(compiler: str, flags: tuple[str, ...], path: Path, source: Path) ->
             os.unlink(tmp)
 
 
-__all__ = ["BASE_FLAGS", "CACHE_ENV", "NATIVE_FLAGS", "BuildInfo", "LibraryLoader", "abi_opener", "cache_dir",
-           "find_compiler"]
+class Kernel:
+    """One compiled kernel: the C++ source ``csrc/<stem>.cpp`` (the Python module has the same stem), its ABI
+    check and C signatures, and the :class:`LibraryLoader` that builds and loads it (``loader``; replace it with
+    :meth:`new_loader` to build elsewhere, e.g. in tests).
+
+    Args:
+        stem: the source's stem, also the library's file-name prefix and cache folder name.
+        abi_function, abi_version: ``abi_function()`` must return ``abi_version`` (else the library is rebuilt).
+        signatures: C function name -> (argtypes, restype), declared on load.
+        what: names the kernel in warnings and errors ("compiled CPU selective scan").
+        extra_flags: flags tried first (``-fopenmp``: the kernel runs on PyTorch's intra-op threads).
+    """
+
+    def __init__(self, stem: str, abi_function: str, abi_version: int,
+                 signatures: dict[str, tuple[list | None, type | None]], what: str,
+                 extra_flags: tuple[str, ...] = ()) -> None:
+        self.stem, self.what, self.abi_version, self.extra_flags = stem, what, abi_version, tuple(extra_flags)
+        self.source = Path(__file__).resolve().parent / "csrc" / f"{stem}.cpp"
+        self.opener = abi_opener(abi_function, abi_version, signatures)
+        self.loader = self.new_loader()
+
+    def new_loader(self, **overrides) -> LibraryLoader:
+        """A loader for this kernel; ``overrides`` (compiler, cache, native, extra_flags ...) win."""
+        settings = {"source": self.source, "stem": self.stem, "opener": self.opener, "cache_name": self.stem,
+                    "what": self.what, "extra_flags": self.extra_flags, **overrides}
+        return LibraryLoader(**settings)
+
+    def load(self) -> ctypes.CDLL | None:
+        """The library, compiled on first call (cached on disk); None, after one warning, if it cannot be built."""
+        return self.loader.load()
+
+    def available(self) -> bool:
+        """True when the compiled kernel can be used (builds it on first call)."""
+        return self.load() is not None
+
+    def require(self) -> ctypes.CDLL:
+        """The library, or RuntimeError with the reason it is unavailable."""
+        lib = self.load()
+        if lib is None:
+            raise RuntimeError(f"{self.what} unavailable: {self.loader.error}")
+        return lib
+
+    @property
+    def error(self) -> str | None:
+        return self.loader.error
+
+    @property
+    def info(self) -> BuildInfo | None:
+        """How this process obtained the library (None before the first use or when unavailable)."""
+        return self.loader.info
+
+    def cache_dir(self) -> Path:
+        return cache_dir(self.stem)
+
+
+__all__ = ["BASE_FLAGS", "CACHE_ENV", "NATIVE_FLAGS", "BuildInfo", "Kernel", "abi_opener",
+           "cache_dir", "find_compiler"]

@@ -16,8 +16,6 @@ exported, no autocast; callers use PyTorch otherwise.
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,28 +24,19 @@ from torch import Tensor, nn
 from ecmnet_core.ops import cbuild
 
 ABI_VERSION = 1
-SOURCE = Path(__file__).resolve().parent / "csrc" / "depthwise_cpu.cpp"
-CACHE_NAME = "depthwise_cpu"
 TAPS_MAX = 121
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 
-_open = cbuild.abi_opener("ecmnet_dw_abi_version", ABI_VERSION, {
-    "ecmnet_dw_backward": ([_P] * 6 + [_I64] * 10 + [_INT], _INT)})
-
 #: OpenMP build: the kernel runs on PyTorch's intra-op threads.
-LibraryLoader = functools.partial(cbuild.LibraryLoader, source=SOURCE, stem="depthwise_cpu", opener=_open,
-                                  cache_name=CACHE_NAME, what="compiled CPU depthwise convolution",
-                                  extra_flags=("-fopenmp",))
-
-_LOADER = LibraryLoader()
+KERNEL = cbuild.Kernel("depthwise_cpu", "ecmnet_dw_abi_version", ABI_VERSION, {
+    "ecmnet_dw_backward": ([_P] * 6 + [_I64] * 10 + [_INT], _INT)},
+    what="compiled CPU depthwise convolution", extra_flags=("-fopenmp",))
 
 
-def load_library() -> ctypes.CDLL | None:
-    """The kernel library, compiled on first call (cached on disk); None, after one warning, if it cannot be built."""
-    return _LOADER.load()
+load_library = KERNEL.load
 
 
 def is_available() -> bool:
@@ -111,4 +100,4 @@ def depthwise_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return _DepthwiseFunction.apply(x, conv.weight, conv.bias, tuple(conv.dilation), tuple(conv.padding))
 
 
-__all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "depthwise_conv", "fits", "is_available", "load_library"]
+__all__ = ["ABI_VERSION", "KERNEL", "depthwise_conv", "fits", "is_available", "load_library"]

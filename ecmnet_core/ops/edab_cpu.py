@@ -19,8 +19,6 @@ as one call.
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -29,8 +27,6 @@ from ecmnet_core.ops import cbuild
 from ecmnet_core.ops.op_registry import cpu_inference_op, empty_nhwc, nhwc_memory
 
 ABI_VERSION = 1
-SOURCE = Path(__file__).resolve().parent / "csrc" / "edab_cpu.cpp"
-CACHE_NAME = "edab_cpu"
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -39,21 +35,15 @@ _ARGTYPES = [_P] * 3 + [_I64] * 4 + [_P, _I64, _I64, ctypes.c_int]
 _MERGE_ARGTYPES = [_P] * 5 + [ctypes.c_float, _P] + [_I64] * 3 + [_P, ctypes.c_int]
 _SHUFFLE_ARGTYPES = [_P] * 3 + [_I64] * 3 + [ctypes.c_int]
 
-_open = cbuild.abi_opener("ecmnet_edab_abi_version", ABI_VERSION, {
+#: OpenMP build: the kernel runs on PyTorch's intra-op threads.
+KERNEL = cbuild.Kernel("edab_cpu", "ecmnet_edab_abi_version", ABI_VERSION, {
     "ecmnet_dw_pair": (_ARGTYPES, ctypes.c_int), "ecmnet_dw_pair_lanes": (None, ctypes.c_int),
     "ecmnet_edab_merge": (_MERGE_ARGTYPES, ctypes.c_int), "ecmnet_add_shuffle": (_SHUFFLE_ARGTYPES, ctypes.c_int),
-    "ecmnet_affine_prelu": ([_P, _P, _I64, _I64, _P, ctypes.c_int], ctypes.c_int)})
-
-#: :class:`cbuild.LibraryLoader` for this kernel (OpenMP: it runs on PyTorch's intra-op threads).
-LibraryLoader = functools.partial(cbuild.LibraryLoader, source=SOURCE, stem="edab_cpu", opener=_open,
-                                  cache_name=CACHE_NAME, what="compiled CPU EDAB kernels", extra_flags=("-fopenmp",))
-
-_LOADER = LibraryLoader()
+    "ecmnet_affine_prelu": ([_P, _P, _I64, _I64, _P, ctypes.c_int], ctypes.c_int)},
+    what="compiled CPU EDAB kernels", extra_flags=("-fopenmp",))
 
 
-def load_library() -> ctypes.CDLL | None:
-    """The kernel library, compiled on first call (cached on disk); None, after one warning, if it cannot be built."""
-    return _LOADER.load()
+load_library = KERNEL.load
 
 
 @torch.compiler.assume_constant_result
@@ -122,7 +112,7 @@ def _nhwc(t: Tensor, name: str, like: Tensor | None = None) -> Tensor:
 def _library() -> ctypes.CDLL:
     lib = load_library()
     if lib is None:
-        raise RuntimeError(f"compiled CPU EDAB kernels unavailable: {_LOADER.error}")
+        raise RuntimeError(f"compiled CPU EDAB kernels unavailable: {KERNEL.error}")
     return lib
 
 
@@ -208,6 +198,6 @@ def dw_pair_op(x: Tensor, params: Tensor, d1: int, d2: int, want_mean: bool) -> 
     return dw_pair_cpu(x, params, d1, d2, want_mean)
 
 
-__all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "add_shuffle_cpu", "add_shuffle_op", "affine_prelu_cpu",
+__all__ = ["ABI_VERSION", "KERNEL", "add_shuffle_cpu", "add_shuffle_op", "affine_prelu_cpu",
            "affine_prelu_op", "dw_pair_cpu", "dw_pair_op", "edab_merge_cpu", "edab_merge_op", "is_available",
            "load_library", "pack_merge_params", "pack_params", "usable"]

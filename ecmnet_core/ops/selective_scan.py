@@ -12,7 +12,7 @@ Backends:
 * ``mamba``: mamba-ssm's CUDA kernel (CUDA tensors, mamba-ssm installed).
 * ``triton``: our Triton kernel for CUDA tensors (:mod:`ecmnet_core.ops.scan_triton`), for GPUs without a
   mamba-ssm build.
-* ``cpp``: compiled C++ kernel for CPU tensors (:mod:`ecmnet_core.ops.scan_cpu`), built on first use with the
+* ``cpp``: compiled C++ kernel for CPU tensors (:mod:`ecmnet_core.ops.selective_scan_cpu`), built on first use with the
   system compiler; when it cannot be built, a warning is issued once and ``torch`` is used instead.
 * ``torch``: pure PyTorch, chunked time-major recurrence with a hand-written backward that recomputes
   states per chunk. Memory is O(B*D*N*(L/chunk + chunk)); it never holds a (B, D, L, N) tensor.
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ecmnet_core.ops import scan_cpu, scan_triton
+from ecmnet_core.ops import scan_triton, selective_scan_cpu
 
 ENV_VAR = "ECMNET_SCAN_BACKEND"
 BACKENDS = ("mamba", "triton", "cpp", "torch", "reference")
@@ -57,7 +57,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         names.append("mamba")
     if device.type == "cuda" and scan_triton.triton_available():
         names.append("triton")
-    if device.type == "cpu" and scan_cpu.is_available():
+    if device.type == "cpu" and selective_scan_cpu.is_available():
         names.append("cpp")
     names += ["torch", "reference"]
     return names
@@ -88,7 +88,7 @@ def resolve_backend(backend: str | None = None, device: torch.device | str = "cp
     if name == "cpp":
         if device.type != "cpu":
             raise ValueError(f"selective-scan backend 'cpp' needs CPU tensors, got {device}")
-        if not scan_cpu.is_available():  # the loader has warned once; fall back
+        if not selective_scan_cpu.is_available():  # the loader has warned once; fall back
             return "torch"
     return name
 
@@ -375,7 +375,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         # it cannot hold the custom autograd.Functions, so anything else traces the plain loop (and unrolls it).
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z))
         if name == "cpp" and torch.jit.is_tracing() and not grad and not return_last_state:
-            return scan_cpu.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            return selective_scan_cpu.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "mamba":
         return _scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -383,7 +383,8 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         return scan_triton.selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                                  return_last_state)
     if name == "cpp":
-        return scan_cpu.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_cpu.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                     return_last_state)
     if name == "torch":
         return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -16,8 +16,6 @@ traced or exported, no autocast.
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -25,29 +23,20 @@ from torch import Tensor
 from ecmnet_core.ops import cbuild
 
 ABI_VERSION = 1
-SOURCE = Path(__file__).resolve().parent / "csrc" / "upsample_ce_cpu.cpp"
-CACHE_NAME = "upsample_ce_cpu"
 K_MAX = 256
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 
-_open = cbuild.abi_opener("ecmnet_uce_abi_version", ABI_VERSION, {
-    "ecmnet_upsample_ce_forward": ([_P] * 4 + [_I64] * 7 + [_INT], _INT),
-    "ecmnet_upsample_ce_backward": ([_P] * 4 + [ctypes.c_float] + [_I64] * 7 + [_INT], _INT)})
-
 #: OpenMP build: the kernel runs on PyTorch's intra-op threads.
-LibraryLoader = functools.partial(cbuild.LibraryLoader, source=SOURCE, stem="upsample_ce_cpu", opener=_open,
-                                  cache_name=CACHE_NAME, what="compiled CPU upsampling cross-entropy",
-                                  extra_flags=("-fopenmp",))
+KERNEL = cbuild.Kernel("upsample_ce_cpu", "ecmnet_uce_abi_version", ABI_VERSION, {
+    "ecmnet_upsample_ce_forward": ([_P] * 4 + [_I64] * 7 + [_INT], _INT),
+    "ecmnet_upsample_ce_backward": ([_P] * 4 + [ctypes.c_float] + [_I64] * 7 + [_INT], _INT)},
+    what="compiled CPU upsampling cross-entropy", extra_flags=("-fopenmp",))
 
-_LOADER = LibraryLoader()
 
-
-def load_library() -> ctypes.CDLL | None:
-    """The kernel library, compiled on first call (cached on disk); None, after one warning, if it cannot be built."""
-    return _LOADER.load()
+load_library = KERNEL.load
 
 
 def is_available() -> bool:
@@ -108,5 +97,5 @@ def upsample_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None
     return _UpsampleCrossEntropy.apply(logits, target, weight, ignore_index)
 
 
-__all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "fits", "is_available", "load_library",
+__all__ = ["ABI_VERSION", "KERNEL", "fits", "is_available", "load_library",
            "upsample_cross_entropy"]

@@ -19,7 +19,8 @@ None of the options changes the function the model computes (tests compare losse
   process-wide, so set by ``ecmnet-core train`` and ``bench train``, not by the library's Trainer): glibc would
   mmap every buffer over 32 MiB and fault it in again each step;
 * ``attention_backend``: DDA's axial attention (None: automatic, i.e. on the CPU the compiled kernel with a compiled
-  backward that rebuilds the softmax instead of keeping S x S scores, :mod:`ecmnet_core.ops.attention_train_cpu`).
+  backward that rebuilds the softmax instead of keeping S x S scores,
+  :mod:`ecmnet_core.ops.axial_attention_backward_cpu`).
 
 Measured and left out of the default (``ecmnet-core bench train``, MODEL_CARD.md): bf16 autocast (no faster
 than fp32 channels-last on a Zen 4 with avx512_bf16: oneDNN's bf16 convolutions do not win at these channel

@@ -25,7 +25,7 @@ RTOL = 1e-5
 @pytest.fixture(scope="module", autouse=True)
 def library() -> None:
     if edab_cpu.load_library() is None:
-        pytest.skip(f"compiled CPU EDAB kernels unavailable: {edab_cpu._LOADER.error}")
+        pytest.skip(f"compiled CPU EDAB kernels unavailable: {edab_cpu.KERNEL.error}")
 
 
 def cl(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 from ecmnet_core.model import DDA
 from ecmnet_core.model.attention import set_attention_backend
-from ecmnet_core.ops import attention_cpu, axial_attention, cbuild
+from ecmnet_core.ops import axial_attention, axial_attention_cpu, cbuild
 from ecmnet_core.ops.axial_attention import axial_attention_torch, resolve_backend
 
 RTOL = 1e-5  # against float64: |out - ref| <= RTOL * max|ref| (+ the same relative to each element)
@@ -25,9 +25,9 @@ RTOL = 1e-5  # against float64: |out - ref| <= RTOL * max|ref| (+ the same relat
 @pytest.fixture(scope="module")
 def lanes() -> int:
     """Key lanes of the built library; skips the kernel tests when it cannot be built."""
-    lib = attention_cpu.load_library()
+    lib = axial_attention_cpu.load_library()
     if lib is None:
-        pytest.skip(f"compiled CPU axial attention unavailable: {attention_cpu._LOADER.error}")
+        pytest.skip(f"compiled CPU axial attention unavailable: {axial_attention_cpu.KERNEL.error}")
     return lib.ecmnet_attn_lanes()
 
 
@@ -41,7 +41,7 @@ def make_qkv(batch: int, dk: int, c: int, h: int, w: int, seed: int = 0, channel
 
 def check(q, k, v, scale: float, rtol: float = RTOL) -> torch.Tensor:
     ref = axial_attention_torch(q.double(), k.double(), v.double(), scale)
-    out = attention_cpu.axial_attention_cpu(q, k, v, scale)
+    out = axial_attention_cpu.axial_attention_cpu(q, k, v, scale)
     assert out.shape == v.shape and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
     err = (out.double() - ref).abs()
@@ -107,24 +107,24 @@ def test_large_logits_are_stable(lanes: int) -> None:
 def test_thread_counts_agree(lanes: int, threads, n: int) -> None:
     q, k, v = make_qkv(2, 4, 32, 90, 120, seed=11)  # large enough to start a team
     threads(1)
-    ref = attention_cpu.axial_attention_cpu(q, k, v, 0.5)
+    ref = axial_attention_cpu.axial_attention_cpu(q, k, v, 0.5)
     threads(n)
-    torch.testing.assert_close(attention_cpu.axial_attention_cpu(q, k, v, 0.5), ref, rtol=0, atol=0)
+    torch.testing.assert_close(axial_attention_cpu.axial_attention_cpu(q, k, v, 0.5), ref, rtol=0, atol=0)
 
 
 def test_empty_and_invalid_inputs(lanes: int) -> None:
     q, k, v = make_qkv(0, 2, 8, 5, 4)
-    assert attention_cpu.axial_attention_cpu(q, k, v, 1.0).shape == (0, 8, 5, 4)
+    assert axial_attention_cpu.axial_attention_cpu(q, k, v, 1.0).shape == (0, 8, 5, 4)
     q, k, v = make_qkv(1, 2, 8, 5, 4)
     with pytest.raises(ValueError, match="same shape"):
-        attention_cpu.axial_attention_cpu(q, k[:, :1], v, 1.0)
+        axial_attention_cpu.axial_attention_cpu(q, k[:, :1], v, 1.0)
     with pytest.raises(ValueError, match="v must be"):
-        attention_cpu.axial_attention_cpu(q, k, v[..., :3], 1.0)
+        axial_attention_cpu.axial_attention_cpu(q, k, v[..., :3], 1.0)
     with pytest.raises(ValueError, match="float32"):
-        attention_cpu.axial_attention_cpu(q.double(), k.double(), v.double(), 1.0)
+        axial_attention_cpu.axial_attention_cpu(q.double(), k.double(), v.double(), 1.0)
     with pytest.raises(ValueError, match=r"\(B, channels, H, W\)"):
-        attention_cpu.axial_attention_cpu(q[0], k[0], v[0], 1.0)
-    lib = attention_cpu.load_library()
+        axial_attention_cpu.axial_attention_cpu(q[0], k[0], v[0], 1.0)
+    lib = axial_attention_cpu.load_library()
     assert lib.ecmnet_axial_attention(None, None, None, None, 1, 0, 8, 5, 4, 1.0, 1) == 1  # dk < 1
     assert lib.ecmnet_axial_attention(None, None, None, None, 1, 2, 8, 5, 4, 1.0, 1) == 2  # null pointers
 
@@ -170,7 +170,7 @@ def test_autograd_keeps_torch_with_correct_gradients(lanes: int, monkeypatch) ->
 
     m = make_dda(8).train()
     x = torch.randn(1, 8, 5, 6, requires_grad=True)
-    monkeypatch.setattr(attention_cpu, "axial_attention_cpu", fail)
+    monkeypatch.setattr(axial_attention_cpu, "axial_attention_cpu", fail)
     m.backend = "cpp"
     m(x).square().sum().backward()
     assert x.grad is not None and m.query.weight.grad is not None and m.gamma.grad is not None
@@ -190,7 +190,7 @@ def test_autograd_keeps_torch_with_correct_gradients(lanes: int, monkeypatch) ->
 def test_no_grad_and_tracing_choices(lanes: int) -> None:
     q, k, v = make_qkv(1, 2, 8, 4, 5)
     q.requires_grad_(True)
-    assert resolve_backend(q, k, v) == "cpp"  # with autograd: the training kernels (attention_train_cpu)
+    assert resolve_backend(q, k, v) == "cpp"  # with autograd: the training kernels (axial_attention_backward_cpu)
     assert resolve_backend(q, k, v, backend="torch") == "torch"
     with torch.no_grad():
         assert resolve_backend(q, k, v) == "cpp"
@@ -215,13 +215,13 @@ def test_no_grad_and_tracing_choices(lanes: int) -> None:
 
 def test_environment_variable_and_model_setting(lanes: int, monkeypatch) -> None:
     calls = []
-    real = attention_cpu.axial_attention_cpu
+    real = axial_attention_cpu.axial_attention_cpu
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention_cpu, "axial_attention_cpu", counting)
+    monkeypatch.setattr(axial_attention_cpu, "axial_attention_cpu", counting)
     m = make_dda(16)
     x = torch.randn(1, 16, 7, 8)
     with torch.inference_mode():
@@ -248,7 +248,7 @@ def test_environment_variable_and_model_setting(lanes: int, monkeypatch) -> None
 def test_fallback_when_library_unavailable(monkeypatch, tmp_path: Path) -> None:
     """No compiler: one warning, then DDA runs on PyTorch with the same result, also with cpp requested."""
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(attention_cpu, "_LOADER", attention_cpu.LibraryLoader(cache=tmp_path))
+    monkeypatch.setattr(axial_attention_cpu.KERNEL, "loader", axial_attention_cpu.KERNEL.new_loader(cache=tmp_path))
     m = make_dda(8)
     x = torch.randn(1, 8, 6, 7)
     with torch.inference_mode():
@@ -263,49 +263,51 @@ def test_fallback_when_library_unavailable(monkeypatch, tmp_path: Path) -> None:
     assert not [w for w in caught if "unavailable" in str(w.message)]  # warned once only
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(out_cpp, ref)
-    assert not attention_cpu.is_available()
+    assert not axial_attention_cpu.is_available()
     with pytest.raises(RuntimeError, match="unavailable"):
-        attention_cpu.axial_attention_cpu(*_qkv(m, x), 1.0)
+        axial_attention_cpu.axial_attention_cpu(*_qkv(m, x), 1.0)
 
 
 def test_portable_build_is_cached(tmp_path: Path, monkeypatch) -> None:
     """The shared build machinery with the attention kernel: a portable build compiles once, then is reused."""
     if cbuild.find_compiler() is None:
         pytest.skip("no C++ compiler")
-    first = attention_cpu.LibraryLoader(cache=tmp_path, native=False)
+    first = axial_attention_cpu.KERNEL.new_loader(cache=tmp_path, native=False)
     assert first.load() is not None, first.error
     assert first.info.compiled and first.info.path.name.startswith("axial_attention_cpu_")
-    second = attention_cpu.LibraryLoader(cache=tmp_path, native=False)
+    second = axial_attention_cpu.KERNEL.new_loader(cache=tmp_path, native=False)
     assert second.load() is not None and not second.info.compiled and second.info.path == first.info.path
-    monkeypatch.setattr(attention_cpu, "_LOADER", second)  # the portable build (other lane count) is exact too
+    # the portable build (other lane count) is exact too
+    monkeypatch.setattr(axial_attention_cpu.KERNEL, "loader", second)
     q, k, v = make_qkv(2, 2, 16, 13, 21, seed=5)
     check(q, k, v, 0.7)
 
 
 def test_cache_dir_is_per_kernel(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ECMNET_CACHE_DIR", str(tmp_path))
-    assert cbuild.cache_dir("attention_cpu") == tmp_path / "attention_cpu"
-    loader = attention_cpu.LibraryLoader()
-    assert loader.cache_name == "attention_cpu"
+    assert cbuild.cache_dir("axial_attention_cpu") == tmp_path / "axial_attention_cpu"
+    loader = axial_attention_cpu.KERNEL.new_loader()
+    assert loader.cache_name == "axial_attention_cpu"
     # OpenMP (PyTorch's threads) first, native then portable; a plain portable build is the last resort
     assert loader._flag_sets() == [cbuild.BASE_FLAGS + ("-fopenmp",) + cbuild.NATIVE_FLAGS,
                                    cbuild.BASE_FLAGS + ("-fopenmp",), cbuild.BASE_FLAGS]
-    assert attention_cpu.SOURCE.name == "axial_attention_cpu.cpp" and attention_cpu.SOURCE.is_file()
+    source = axial_attention_cpu.KERNEL.source
+    assert source.name == "axial_attention_cpu.cpp" and source.is_file()
 
 
 def test_build_without_openmp_uses_its_own_threads(tmp_path: Path, monkeypatch, threads) -> None:
     """The last-resort build (no -fopenmp): a per-call std::thread team with a barrier between rows and columns."""
     if cbuild.find_compiler() is None:
         pytest.skip("no C++ compiler")
-    loader = attention_cpu.LibraryLoader(cache=tmp_path, native=False, extra_flags=())
+    loader = axial_attention_cpu.KERNEL.new_loader(cache=tmp_path, native=False, extra_flags=())
     assert loader.load() is not None, loader.error
     assert "-fopenmp" not in loader.info.flags
-    monkeypatch.setattr(attention_cpu, "_LOADER", loader)
+    monkeypatch.setattr(axial_attention_cpu.KERNEL, "loader", loader)
     q, k, v = make_qkv(2, 4, 32, 90, 120, seed=13)  # large enough to start a team
     threads(1)
     ref = check(q, k, v, 0.5)
     threads(3)
-    torch.testing.assert_close(attention_cpu.axial_attention_cpu(q, k, v, 0.5), ref, rtol=0, atol=0)
+    torch.testing.assert_close(axial_attention_cpu.axial_attention_cpu(q, k, v, 0.5), ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dk,c,hw", [(4, 32, (23, 30)), (1, 8, (9, 1)), (8, 64, (5, 17)), (2, 12, (1, 1))])
@@ -315,11 +317,11 @@ def test_stacked_qkv_reads_the_slices_in_place(lanes: int, dk: int, c: int, hw: 
     qkv = torch.randn(2, 2 * dk + c, *hw, generator=torch.Generator().manual_seed(dk)).contiguous(
         memory_format=torch.channels_last)
     q, k, v = qkv.split([dk, dk, c], dim=1)
-    ref = attention_cpu.axial_attention_cpu(q, k, v, 0.5)
-    out = attention_cpu.axial_attention_qkv_cpu(qkv, dk, 0.5)
+    ref = axial_attention_cpu.axial_attention_cpu(q, k, v, 0.5)
+    out = axial_attention_cpu.axial_attention_qkv_cpu(qkv, dk, 0.5)
     assert out.shape == v.shape and torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="too few"):
-        attention_cpu.axial_attention_qkv_cpu(qkv[:, : 2 * dk], dk, 0.5)
+        axial_attention_cpu.axial_attention_qkv_cpu(qkv[:, : 2 * dk], dk, 0.5)
 
 
 def test_dda_with_stacked_projections_equals_dda(lanes: int) -> None:

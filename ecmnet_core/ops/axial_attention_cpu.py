@@ -4,7 +4,7 @@ The kernel (``csrc/axial_attention_cpu.cpp``, plain C ABI, fp32) computes DDA's 
 out = O_h + O_w, in one call: one task per row, then, after a barrier, one per column adding to the rows' output,
 on a per-call team of ``torch.get_num_threads()`` threads. It reads and writes channels-last memory, (B, H, W, C),
 which is what a channels_last (B, C, H, W) tensor already holds. It is built on first use with the system compiler
-and cached like the selective scan (:mod:`ecmnet_core.ops.cbuild`, cache directory ``attention_cpu``). Without a
+and cached like the selective scan (:mod:`ecmnet_core.ops.cbuild`, cache directory ``axial_attention_cpu``). Without a
 working compiler :func:`load_library` returns None after one warning and the dispatcher uses the ``torch`` backend.
 
 There is no backward: the dispatcher uses this kernel only when no autograd graph is needed.
@@ -13,8 +13,6 @@ There is no backward: the dispatcher uses this kernel only when no autograd grap
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -23,8 +21,6 @@ from ecmnet_core.ops import cbuild
 from ecmnet_core.ops.op_registry import cpu_inference_op, empty_nhwc, nhwc_memory
 
 ABI_VERSION = 3
-SOURCE = Path(__file__).resolve().parent / "csrc" / "axial_attention_cpu.cpp"
-CACHE_NAME = "attention_cpu"
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -33,35 +29,22 @@ _ARGTYPES = [_P] * 4 + [_I64] * 5 + [ctypes.c_float, _INT]
 _STRIDED_ARGTYPES = [_P] * 4 + [_I64] * 7 + [ctypes.c_float, _INT]
 
 
-_open = cbuild.abi_opener("ecmnet_attn_abi_version", ABI_VERSION, {
-    "ecmnet_axial_attention": (_ARGTYPES, _INT), "ecmnet_attn_lanes": (None, _INT),
-    "ecmnet_axial_attention_strided": (_STRIDED_ARGTYPES, _INT),
-    "ecmnet_axial_attention_lse": ([_P] * 5 + [_I64] * 5 + [ctypes.c_float, _INT], _INT)})
-
-
-#: :class:`cbuild.LibraryLoader` for this kernel: ``LibraryLoader(cache=..., native=...)`` overrides any default.
 #: OpenMP: the kernel then runs on PyTorch's intra-op threads (same libgomp.so.1 soname) instead of a team of its
 #: own, which after a PyTorch op would compete with PyTorch's still-spinning workers for the cores.
-LibraryLoader = functools.partial(cbuild.LibraryLoader, source=SOURCE, stem="axial_attention_cpu", opener=_open,
-                                  cache_name=CACHE_NAME, what="compiled CPU axial attention", extra_flags=("-fopenmp",))
+KERNEL = cbuild.Kernel("axial_attention_cpu", "ecmnet_attn_abi_version", ABI_VERSION, {
+    "ecmnet_axial_attention": (_ARGTYPES, _INT), "ecmnet_attn_lanes": (None, _INT),
+    "ecmnet_axial_attention_strided": (_STRIDED_ARGTYPES, _INT),
+    "ecmnet_axial_attention_lse": ([_P] * 5 + [_I64] * 5 + [ctypes.c_float, _INT], _INT)},
+    what="compiled CPU axial attention", extra_flags=("-fopenmp",))
 
-_LOADER = LibraryLoader()
 
-
-def load_library() -> ctypes.CDLL | None:
-    """The kernel library, compiled on first call (cached on disk); None, after one warning, if it cannot be built."""
-    return _LOADER.load()
+load_library = KERNEL.load
 
 
 @torch.compiler.assume_constant_result  # torch.compile: decide once at trace time, no graph break
 def is_available() -> bool:
     """True when the compiled kernel can be used (builds it on first call)."""
     return load_library() is not None
-
-
-def build_info() -> cbuild.BuildInfo | None:
-    """How the library of this process was obtained (None before the first use or when unavailable)."""
-    return _LOADER.info
 
 
 def _threads() -> int:
@@ -102,13 +85,13 @@ def axial_attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
 
 def launch(q: Tensor, k: Tensor, v: Tensor, scale: float, lse: Tensor | None = None) -> Tensor:
     """The kernel call behind :func:`axial_attention_cpu`, for inputs already checked. ``lse``: the training
-    forward's (:mod:`ecmnet_core.ops.attention_train_cpu`) contiguous fp32 (2, B, H, W) output for each query's
+    forward's (:mod:`ecmnet_core.ops.axial_attention_backward_cpu`) contiguous fp32 (2, B, H, W) output for each query's
     log2-sum-exp2 of its log2-unit scores, rows' pass first."""
     b, dk, h, w = q.shape
     c = v.shape[1]
     lib = load_library()
     if lib is None:
-        raise RuntimeError(f"compiled CPU axial attention unavailable: {_LOADER.error}")
+        raise RuntimeError(f"compiled CPU axial attention unavailable: {KERNEL.error}")
     # Keep references to the contiguous copies: the kernel reads through raw pointers.
     qc, kc, vc = nhwc_memory(q), nhwc_memory(k), nhwc_memory(v)
     out = empty_nhwc(b, c, h, w, like=v)
@@ -134,7 +117,7 @@ def axial_attention_qkv_cpu(qkv: Tensor, dk: int, scale: float) -> Tensor:
         raise ValueError(f"axial attention: qkv has {total} channels, too few for dk={dk} and at least one value")
     lib = load_library()
     if lib is None:
-        raise RuntimeError(f"compiled CPU axial attention unavailable: {_LOADER.error}")
+        raise RuntimeError(f"compiled CPU axial attention unavailable: {KERNEL.error}")
     base = nhwc_memory(qkv)  # a view for channels_last input
     ptr, f = base.data_ptr(), base.element_size()
     out = empty_nhwc(b, c, h, w, like=qkv)
@@ -144,7 +127,7 @@ def axial_attention_qkv_cpu(qkv: Tensor, dk: int, scale: float) -> Tensor:
     return out
 
 
-__all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "axial_attention_cpu", "axial_attention_qkv_cpu", "build_info",
+__all__ = ["ABI_VERSION", "KERNEL", "axial_attention_cpu", "axial_attention_qkv_cpu",
            "is_available", "load_library"]
 
 

@@ -1,5 +1,6 @@
-"""DDA's training attention (:mod:`ecmnet_core.ops.attention_train_cpu`: compiled forward with log-sum-exp, compiled
-backward) gives PyTorch's output and q, k, v gradients (float64 reference), and DDA trains through it."""
+"""DDA's training attention (:mod:`ecmnet_core.ops.axial_attention_backward_cpu`: compiled forward with
+log-sum-exp, compiled backward) gives PyTorch's output and q, k, v gradients (float64 reference), and DDA trains
+through it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import pytest
 import torch
 
 from ecmnet_core.model import DDA
-from ecmnet_core.ops import attention_train_cpu
+from ecmnet_core.ops import axial_attention_backward_cpu
 from ecmnet_core.ops.axial_attention import axial_attention_torch
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
-              pytest.mark.skipif(not attention_train_cpu.is_available(), reason="no C++ compiler for the CPU kernel")]
+              pytest.mark.skipif(not axial_attention_backward_cpu.is_available(),
+                                 reason="no C++ compiler for the CPU kernel")]
 
 
 def _inputs(b: int, d: int, c: int, h: int, w: int, channels_last: bool = True):
@@ -37,8 +39,8 @@ def test_output_and_gradients_match_float64_pytorch(b, d, c, h, w):
     ref = axial_attention_torch(*ref_in, scale)
     ref.backward(grad)
     got_in = [t.float().contiguous(memory_format=torch.channels_last).requires_grad_() for t in (q, k, v)]
-    assert attention_train_cpu.fits(*got_in)
-    out = attention_train_cpu.axial_attention_train(*got_in, scale)
+    assert axial_attention_backward_cpu.fits(*got_in)
+    out = axial_attention_backward_cpu.axial_attention_train(*got_in, scale)
     out.backward(grad.float())
     assert out.is_contiguous(memory_format=torch.channels_last)
     for name, got, want in zip(("out", "dq", "dk", "dv"), [out] + [t.grad for t in got_in],
@@ -54,7 +56,7 @@ def test_nchw_inputs_and_peaked_softmax():
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     axial_attention_torch(*ref_in, 0.5).backward(grad)
     got_in = [t.float().requires_grad_() for t in (q, k, v)]
-    attention_train_cpu.axial_attention_train(*got_in, 0.5).backward(grad.float())
+    axial_attention_backward_cpu.axial_attention_train(*got_in, 0.5).backward(grad.float())
     for got, want in zip(got_in, ref_in):
         assert torch.isfinite(got.grad).all()
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4 * float(want.grad.abs().max()))

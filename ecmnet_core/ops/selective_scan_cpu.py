@@ -3,8 +3,8 @@
 The kernels live in ``csrc/selective_scan_cpu.cpp`` behind a plain C ABI. On first use the source is compiled with
 the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) into a shared library that is loaded with
 :mod:`ctypes`; no torch or Python headers are involved, so a build takes seconds, not the ~30 s of a
-``torch.utils.cpp_extension`` build. The library is cached under ``$ECMNET_CACHE_DIR/scan_cpu`` (default
-``~/.cache/ecmnet/scan_cpu``) under a name that hashes the source, the flags, the compiler and the CPU, so a
+``torch.utils.cpp_extension`` build. The library is cached under ``$ECMNET_CACHE_DIR/selective_scan_cpu`` (default
+``~/.cache/ecmnet/selective_scan_cpu``) under a name that hashes the source, the flags, the compiler and the CPU, so a
 ``-march=native`` build is never loaded on a different CPU. Builds are atomic (compile to a temporary file, then
 rename), so concurrent processes at worst build twice; this machinery is shared with the attention kernel in
 :mod:`ecmnet_core.ops.cbuild`. Without a working compiler :func:`load_library` returns None after one warning and the
@@ -23,20 +23,15 @@ same memory. Without gradients (``torch.no_grad``, inference) no states are stor
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ecmnet_core.ops import cbuild
-from ecmnet_core.ops.cbuild import BuildInfo
 
 ABI_VERSION = 3
-SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
-CACHE_NAME = "scan_cpu"
 DEFAULT_CHUNK = 64
 
 _P = ctypes.c_void_p
@@ -46,38 +41,20 @@ _FWD_ARGTYPES = [_P] * 8 + [_INT] + [_I64] * 6 + [_P] * 3 + [_INT]
 _BWD_ARGTYPES = [_P] * 8 + [_INT] + [_I64] * 6 + [_P] * 10 + [_I64, _INT]
 
 
-def cache_dir() -> Path:
-    """Where compiled libraries are kept: ``$ECMNET_CACHE_DIR/scan_cpu`` or ``$XDG_CACHE_HOME/ecmnet/scan_cpu``."""
-    return cbuild.cache_dir(CACHE_NAME)
-
-
-_open = cbuild.abi_opener("ecmnet_scan_abi_version", ABI_VERSION, {
+#: OpenMP first: the kernel then runs on PyTorch's intra-op threads (see csrc: run_tasks).
+KERNEL = cbuild.Kernel("selective_scan_cpu", "ecmnet_scan_abi_version", ABI_VERSION, {
     "ecmnet_scan_fwd": (_FWD_ARGTYPES, _INT), "ecmnet_scan_bwd": (_BWD_ARGTYPES, _INT),
-    "ecmnet_scan_lanes": (None, _INT)})
+    "ecmnet_scan_lanes": (None, _INT)},
+    what="compiled CPU selective scan", extra_flags=("-fopenmp",))
 
 
-#: :class:`cbuild.LibraryLoader` for the selective scan: ``LibraryLoader(compiler=..., cache=..., native=...)``
-#: overrides any default. OpenMP first: the kernel then runs on PyTorch's intra-op threads (see csrc: run_tasks).
-LibraryLoader = functools.partial(cbuild.LibraryLoader, source=SOURCE, stem="selective_scan_cpu", opener=_open,
-                                  cache_name=CACHE_NAME, what="compiled CPU selective scan", extra_flags=("-fopenmp",))
-
-_LOADER = LibraryLoader()
-
-
-def load_library() -> ctypes.CDLL | None:
-    """The kernel library, compiled on first call (cached on disk); None, after one warning, if it cannot be built."""
-    return _LOADER.load()
+load_library = KERNEL.load
 
 
 @torch.compiler.assume_constant_result  # torch.compile: decide once at trace time, no graph break
 def is_available() -> bool:
     """True when the compiled kernel can be used (builds it on first call)."""
     return load_library() is not None
-
-
-def build_info() -> BuildInfo | None:
-    """How the library of this process was obtained (None before the first use or when unavailable)."""
-    return _LOADER.info
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,7 +166,7 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
         RuntimeError if the library cannot be built (callers normally go through the dispatcher, which falls back).
     """
     if not is_available():
-        raise RuntimeError(f"compiled CPU selective scan unavailable: {_LOADER.error}")
+        raise RuntimeError(f"compiled CPU selective scan unavailable: {KERNEL.error}")
     tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
     for name, t in tensors.items():
         if t is not None and t.device.type != "cpu":

@@ -14,42 +14,30 @@ S x S is stored. Both built on first use and cached (:mod:`ecmnet_core.ops.cbuil
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ecmnet_core.ops import attention_cpu, cbuild
+from ecmnet_core.ops import axial_attention_cpu, cbuild
 from ecmnet_core.ops.op_registry import empty_nhwc, nhwc_memory
 
 ABI_VERSION = 1
-SOURCE = Path(__file__).resolve().parent / "csrc" / "axial_attention_backward_cpu.cpp"
-CACHE_NAME = "attention_backward_cpu"
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 
-_open = cbuild.abi_opener("ecmnet_attn_bwd_abi_version", ABI_VERSION, {
-    "ecmnet_axial_attention_backward": ([_P] * 8 + [_I64] * 5 + [ctypes.c_float, _INT], _INT)})
-
 #: OpenMP build: the kernel runs on PyTorch's intra-op threads.
-LibraryLoader = functools.partial(cbuild.LibraryLoader, source=SOURCE, stem="axial_attention_backward_cpu",
-                                  opener=_open, cache_name=CACHE_NAME, what="compiled CPU axial-attention backward",
-                                  extra_flags=("-fopenmp",))
-
-_LOADER = LibraryLoader()
+KERNEL = cbuild.Kernel("axial_attention_backward_cpu", "ecmnet_attn_bwd_abi_version", ABI_VERSION, {
+    "ecmnet_axial_attention_backward": ([_P] * 8 + [_I64] * 5 + [ctypes.c_float, _INT], _INT)},
+    what="compiled CPU axial-attention backward", extra_flags=("-fopenmp",))
 
 
-def load_library() -> ctypes.CDLL | None:
-    """The backward library, compiled on first call (cached on disk); None, after one warning, if it cannot be
-    built."""
-    return _LOADER.load()
+load_library = KERNEL.load
 
 
 def is_available() -> bool:
-    return load_library() is not None and attention_cpu.is_available()
+    return load_library() is not None and axial_attention_cpu.is_available()
 
 
 class _AxialAttentionFunction(torch.autograd.Function):
@@ -58,7 +46,7 @@ class _AxialAttentionFunction(torch.autograd.Function):
         b, _, h, w = q.shape
         qc, kc, vc = nhwc_memory(q), nhwc_memory(k), nhwc_memory(v)  # views for channels-last input
         lse = torch.empty(2, b, h, w, dtype=torch.float32)
-        out = attention_cpu.launch(qc, kc, vc, scale, lse)  # fits() checked the inputs
+        out = axial_attention_cpu.launch(qc, kc, vc, scale, lse)  # fits() checked the inputs
         ctx.save_for_backward(qc, kc, vc, lse)
         ctx.scale = float(scale)
         return out
@@ -89,5 +77,5 @@ def axial_attention_train(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tens
     return _AxialAttentionFunction.apply(q, k, v, scale)
 
 
-__all__ = ["ABI_VERSION", "SOURCE", "LibraryLoader", "axial_attention_train", "fits", "is_available",
+__all__ = ["ABI_VERSION", "KERNEL", "axial_attention_train", "fits", "is_available",
            "load_library"]

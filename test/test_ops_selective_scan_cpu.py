@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ecmnet_core.ops import cbuild, scan_cpu
+from ecmnet_core.ops import cbuild, selective_scan_cpu
 from ecmnet_core.ops.selective_scan import available_backends, resolve_backend, selective_scan_fn, selective_scan_ref
 
 RTOL, ATOL_REL = 1e-4, 1e-5  # against float64: atol = ATOL_REL * max|reference|
@@ -24,9 +24,9 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 @pytest.fixture(scope="module")
 def lanes() -> int:
     """Channels per SIMD tile of the built library; skips the kernel tests when it cannot be built."""
-    lib = scan_cpu.load_library()
+    lib = selective_scan_cpu.load_library()
     if lib is None:
-        pytest.skip(f"compiled CPU scan unavailable: {scan_cpu._LOADER.error}")
+        pytest.skip(f"compiled CPU scan unavailable: {selective_scan_cpu.KERNEL.error}")
     return lib.ecmnet_scan_lanes()
 
 
@@ -86,7 +86,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
 
 def check_against_reference(inputs, softplus=True, **kwargs) -> None:
     y_ref, g_ref = run(scan64, inputs, torch.float64, softplus)
-    y, grads = run(scan_cpu.selective_scan_cpu, inputs, torch.float32, softplus, **kwargs)
+    y, grads = run(selective_scan_cpu.selective_scan_cpu, inputs, torch.float32, softplus, **kwargs)
     assert y.dtype == torch.float32
     assert_close(y, y_ref, "output")
     for name, ref in g_ref.items():
@@ -121,8 +121,8 @@ def test_several_backward_parts(lanes: int, threads) -> None:
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
 def test_chunk_size_does_not_change_results(lanes: int, chunk: int) -> None:
     inputs = make_inputs(batch=2, dim=lanes + 1, length=100, n=16, groups=1)
-    y64, g64 = run(scan_cpu.selective_scan_cpu, inputs, torch.float32)
-    y, grads = run(scan_cpu.selective_scan_cpu, inputs, torch.float32, chunk=chunk)
+    y64, g64 = run(selective_scan_cpu.selective_scan_cpu, inputs, torch.float32)
+    y, grads = run(selective_scan_cpu.selective_scan_cpu, inputs, torch.float32, chunk=chunk)
     torch.testing.assert_close(y, y64, rtol=1e-5, atol=1e-6)
     for name in grads:
         torch.testing.assert_close(grads[name], g64[name], rtol=1e-4, atol=1e-5, msg=name)
@@ -131,9 +131,9 @@ def test_chunk_size_does_not_change_results(lanes: int, chunk: int) -> None:
 def test_thread_count_does_not_change_results(lanes: int, threads) -> None:
     inputs = make_inputs(batch=3, dim=3 * lanes, length=90, n=16, groups=3)
     threads(1)
-    y1, g1 = run(scan_cpu.selective_scan_cpu, inputs, torch.float32)
+    y1, g1 = run(selective_scan_cpu.selective_scan_cpu, inputs, torch.float32)
     threads(2)
-    y2, g2 = run(scan_cpu.selective_scan_cpu, inputs, torch.float32)
+    y2, g2 = run(selective_scan_cpu.selective_scan_cpu, inputs, torch.float32)
     assert torch.equal(y1, y2)  # tiles are independent in the forward: bit-identical
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -145,7 +145,7 @@ def test_last_state_and_3d_bc(lanes: int) -> None:
     args = [inputs[k] for k in NAMES]
     y_ref, h_ref = selective_scan_ref(*[a.double() if a is not None else None for a in args], delta_softplus=True,
                                       return_last_state=True)
-    y, h = scan_cpu.selective_scan_cpu(*args, delta_softplus=True, return_last_state=True)
+    y, h = selective_scan_cpu.selective_scan_cpu(*args, delta_softplus=True, return_last_state=True)
     assert h.shape == (2, lanes, 16)
     assert_close(y, y_ref, "output")
     assert_close(h, h_ref, "last state")
@@ -160,16 +160,16 @@ def test_inference_path_builds_no_graph_and_matches(lanes: int) -> None:
     args = [inputs[k] for k in NAMES]
     with torch.no_grad():
         leaves = [a.clone().requires_grad_(True) if a is not None else None for a in args]
-        y_fast = scan_cpu.selective_scan_cpu(*leaves, delta_softplus=True)
+        y_fast = selective_scan_cpu.selective_scan_cpu(*leaves, delta_softplus=True)
     assert y_fast.grad_fn is None
-    y_grad, _ = run(scan_cpu.selective_scan_cpu, inputs, torch.float32)
+    y_grad, _ = run(selective_scan_cpu.selective_scan_cpu, inputs, torch.float32)
     assert torch.equal(y_fast, y_grad)
 
 
 def test_backward_keeps_only_chunk_boundary_states(lanes: int) -> None:
     inputs = make_inputs(batch=1, dim=lanes, length=1000, n=16, groups=1)
     leaves = [v.requires_grad_(True) if v is not None else None for v in (inputs[k] for k in NAMES)]
-    y = scan_cpu.selective_scan_cpu(*leaves, delta_softplus=True, chunk=64)
+    y = selective_scan_cpu.selective_scan_cpu(*leaves, delta_softplus=True, chunk=64)
     states = y.grad_fn.saved_tensors[-1]
     assert states.shape == (1, lanes, 16, 16)  # (batch, dim, ceil(1000 / 64), N): no (batch, dim, L, N) tensor
 
@@ -178,7 +178,7 @@ def test_backward_keeps_only_chunk_boundary_states(lanes: int) -> None:
 def test_output_dtype_follows_u(lanes: int, dtype: torch.dtype) -> None:
     inputs = make_inputs(batch=1, dim=lanes, length=20, n=16, groups=1)
     args = [v.to(dtype) if v is not None else None for v in (inputs[k] for k in NAMES)]
-    y = scan_cpu.selective_scan_cpu(*args, delta_softplus=True)
+    y = selective_scan_cpu.selective_scan_cpu(*args, delta_softplus=True)
     ref = scan64(*[a.double() if a is not None else None for a in args], delta_softplus=True)
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
@@ -186,10 +186,11 @@ def test_output_dtype_follows_u(lanes: int, dtype: torch.dtype) -> None:
 
 def test_empty_sizes(lanes: int) -> None:
     zero_len = make_inputs(batch=2, dim=lanes, length=0, n=16, groups=1)
-    y, h = scan_cpu.selective_scan_cpu(*[zero_len[k] for k in NAMES], delta_softplus=True, return_last_state=True)
+    y, h = selective_scan_cpu.selective_scan_cpu(*[zero_len[k] for k in NAMES], delta_softplus=True,
+                                                 return_last_state=True)
     assert y.shape == (2, lanes, 0) and bool((h == 0).all())
     zero_batch = make_inputs(batch=0, dim=lanes, length=5, n=16, groups=1)
-    assert scan_cpu.selective_scan_cpu(*[zero_batch[k] for k in NAMES]).shape == (0, lanes, 5)
+    assert selective_scan_cpu.selective_scan_cpu(*[zero_batch[k] for k in NAMES]).shape == (0, lanes, 5)
 
 
 def test_non_contiguous_inputs(lanes: int) -> None:
@@ -236,7 +237,7 @@ def test_bad_shapes_name_the_input(lanes: int, change, message: str) -> None:
     inputs = make_inputs(batch=1, dim=8, length=10, n=16, groups=2)
     change(inputs)
     with pytest.raises(ValueError, match=message):
-        scan_cpu.selective_scan_cpu(*[inputs[k] for k in NAMES])
+        selective_scan_cpu.selective_scan_cpu(*[inputs[k] for k in NAMES])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,22 +248,22 @@ def test_portable_build_is_cached_and_correct(tmp_path: Path, monkeypatch) -> No
     """A build without -march=native into an empty cache compiles once; a second loader reuses the file."""
     if cbuild.find_compiler() is None:
         pytest.skip("no C++ compiler")
-    first = scan_cpu.LibraryLoader(cache=tmp_path, native=False)
+    first = selective_scan_cpu.KERNEL.new_loader(cache=tmp_path, native=False)
     lib = first.load()
     assert lib is not None, first.error
     assert first.info.compiled and first.info.path.parent == tmp_path and "-march=native" not in first.info.flags
-    second = scan_cpu.LibraryLoader(cache=tmp_path, native=False)
+    second = selective_scan_cpu.KERNEL.new_loader(cache=tmp_path, native=False)
     assert second.load() is not None and not second.info.compiled and second.info.path == first.info.path
     assert not list(tmp_path.glob("*.tmp"))  # atomic build leaves no temporary files
     # The portable build (other SIMD width, other tiles) is exact too.
-    monkeypatch.setattr(scan_cpu, "_LOADER", second)
+    monkeypatch.setattr(selective_scan_cpu.KERNEL, "loader", second)
     inputs = make_inputs(batch=2, dim=2 * (lib.ecmnet_scan_lanes() + 3), length=70, n=16, groups=2)
     check_against_reference(inputs)
 
 
 def test_fallback_without_compiler_warns_once(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(scan_cpu, "_LOADER", scan_cpu.LibraryLoader(cache=tmp_path))
+    monkeypatch.setattr(selective_scan_cpu.KERNEL, "loader", selective_scan_cpu.KERNEL.new_loader(cache=tmp_path))
     with pytest.warns(RuntimeWarning, match="unavailable: C\\+\\+ compiler .*no-such-compiler.* does not run"):
         assert resolve_backend("cpp", "cpu") == "torch"
     with warnings.catch_warnings(record=True) as caught:
@@ -275,7 +276,7 @@ def test_fallback_without_compiler_warns_once(monkeypatch, tmp_path: Path) -> No
     assert not [w for w in caught if "unavailable" in str(w.message)]  # warned once only
     torch.testing.assert_close(y, selective_scan_fn(*args, delta_softplus=True, backend="torch"))
     with pytest.raises(RuntimeError, match="unavailable"):
-        scan_cpu.selective_scan_cpu(*args)
+        selective_scan_cpu.selective_scan_cpu(*args)
 
 
 def test_compile_error_is_reported(tmp_path: Path) -> None:
@@ -283,7 +284,7 @@ def test_compile_error_is_reported(tmp_path: Path) -> None:
     fake.write_text('#!/bin/sh\nif [ "$1" = "--version" ]; then echo fakecc 1.0; exit 0; fi\n'
                     'echo "fakecc: internal error" >&2\nexit 1\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    loader = scan_cpu.LibraryLoader(compiler=str(fake), cache=tmp_path / "cache")
+    loader = selective_scan_cpu.KERNEL.new_loader(compiler=str(fake), cache=tmp_path / "cache")
     with pytest.warns(RuntimeWarning, match="compiling the kernel failed"):
         assert loader.load() is None
     assert "fakecc: internal error" in loader.error and "-march=native" in loader.error  # both flag sets tried
@@ -292,8 +293,8 @@ def test_compile_error_is_reported(tmp_path: Path) -> None:
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ECMNET_CACHE_DIR", str(tmp_path))
-    assert scan_cpu.cache_dir() == tmp_path / "scan_cpu"
+    assert selective_scan_cpu.KERNEL.cache_dir() == tmp_path / "selective_scan_cpu"
     monkeypatch.delenv("ECMNET_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert scan_cpu.cache_dir() == tmp_path / "xdg" / "ecmnet" / "scan_cpu"
-    assert os.fspath(scan_cpu.SOURCE).endswith(os.path.join("csrc", "selective_scan_cpu.cpp"))
+    assert selective_scan_cpu.KERNEL.cache_dir() == tmp_path / "xdg" / "ecmnet" / "selective_scan_cpu"
+    assert os.fspath(selective_scan_cpu.KERNEL.source).endswith(os.path.join("csrc", "selective_scan_cpu.cpp"))
