@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import cv2
+import helpers
 import numpy as np
 import pytest
 
@@ -224,3 +225,14 @@ def test_validate_false_defers_errors(camvid):
     _, samples = build_dataset("camvid", camvid, "train", validate=False)
     with pytest.raises(DataError, match="does not exist"):
         load_sample(samples[1])
+
+
+def test_fixture_is_a_valid_camvid_dataset(tmp_path):
+    """The tests' generated data (helpers.py) passes the data layer's own validation with the expected counts and
+    classes."""
+    root = helpers.make_camvid(tmp_path / "camvid", n_train=3, n_val=1)
+    info, train = build_dataset("camvid", root, "train")
+    _, val = build_dataset("auto", root, "val")
+    assert info.name == "camvid" and len(train) == 3 and len(val) == 1
+    ckpt = helpers.make_checkpoint(tmp_path / "c.pt", CITYSCAPES)
+    assert ckpt.is_file()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_train_fixtures import make_camvid, make_checkpoint
+from helpers import make_camvid, make_checkpoint
 
 from ecmnet_core.checkpoint import load_checkpoint
 from ecmnet_core.cli import main

@@ -136,3 +136,28 @@ def test_lower_layers_do_not_import_upper_ones(lower, upper):
     wrong = {m: sorted(d for d in deps if any(inside(d, u) for u in upper))
              for m, deps in GRAPH.items() if inside(m, lower)}
     assert {m: d for m, d in wrong.items() if d} == {}
+
+
+def test_no_function_is_over_100_lines():
+    long = [f"{path.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in MODULES.values() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100]
+    assert long == []
+
+
+def test_one_home_for_each_helper():
+    """Helpers that used to be written several times (with different behaviour) have exactly one definition."""
+    for name in ("resolve_device", "default_palette", "bgr_lut", "write_image", "latency_summary", "stamp_ns"):
+        homes = [str(path.relative_to(REPO)) for path in MODULES.values()
+                 for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.FunctionDef) and node.name == name]
+        assert len(homes) == 1, f"{name} is defined in {homes}"
+    unlabeled = [str(path.relative_to(REPO)) for path in MODULES.values() if "UNLABELED = 255" in path.read_text()]
+    assert unlabeled == ["ecmnet_core/data/classes.py"]
+
+
+def test_the_package_top_level_stays_small():
+    """Modules directly under ecmnet_core/ (besides __init__ and __main__): the rest lives in packages."""
+    top = sorted(p.name for p in (REPO / "ecmnet_core").glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert len(top) <= 10, top
+    assert len((REPO / "ecmnet_ros" / "segmenter.py").read_text().splitlines()) <= 480

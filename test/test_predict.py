@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from test_train_fixtures import make_camvid, make_checkpoint
+from helpers import make_camvid, make_checkpoint
 
 from ecmnet_core.cli import main
 from ecmnet_core.data import CAMVID

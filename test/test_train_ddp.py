@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from test_train_fixtures import make_camvid
+from helpers import make_camvid
 
 from ecmnet_core.checkpoint import load_checkpoint
 

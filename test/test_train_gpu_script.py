@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_fixtures import make_camvid
+from helpers import make_camvid
 
 from ecmnet_core.checkpoint import load_checkpoint
 

@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from test_train_fixtures import make_camvid
+from helpers import make_camvid
 
 from ecmnet_core.checkpoint import CheckpointError, load_checkpoint
 from ecmnet_core.data import EvalTransform, build_dataset, load_raw

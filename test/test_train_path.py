@@ -135,7 +135,7 @@ def test_default_path_on_cuda_keeps_pytorch_layout():
 
 
 def test_dataset_cache_returns_the_same_samples(tmp_path):
-    from test_train_fixtures import make_camvid
+    from helpers import make_camvid
 
     from ecmnet_core.data import SegmentationDataset, TrainTransform, build_dataset
 
@@ -154,7 +154,7 @@ def test_dataset_cache_returns_the_same_samples(tmp_path):
 
 
 def test_bench_train_reports_both_paths(tmp_path, one_torch_thread):
-    from test_train_fixtures import make_camvid
+    from helpers import make_camvid
 
     from ecmnet_core.bench.training import TrainBenchConfig, bench_train, format_train
 
@@ -168,7 +168,7 @@ def test_bench_train_reports_both_paths(tmp_path, one_torch_thread):
 
 
 def test_progressive_resizing_changes_the_crop_per_stage(tmp_path):
-    from test_train_fixtures import make_camvid
+    from helpers import make_camvid
 
     from ecmnet_core.train.config import load_config
     from ecmnet_core.train.trainer import Trainer

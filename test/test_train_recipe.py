@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from test_train_fixtures import make_camvid
+from helpers import make_camvid
 from test_train_loop import assert_same_weights, tiny
 
 from ecmnet_core.checkpoint import load_checkpoint

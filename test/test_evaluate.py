@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_fixtures import make_camvid, make_checkpoint
+from helpers import make_camvid, make_checkpoint
 
 from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from ecmnet_core.cli import main

@@ -1,4 +1,4 @@
-"""Tiny generated datasets shared by the train/eval/predict tests (imported as ``test_train_fixtures``).
+"""Helpers shared by the tests: tiny generated datasets and checkpoints (``from helpers import ...``).
 
 The images are flat class colours plus noise, so a few optimiser steps visibly lower the loss.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ecmnet_core.checkpoint import Checkpoint, save_checkpoint
-from ecmnet_core.data import CAMVID, CITYSCAPES, DatasetInfo, build_dataset
+from ecmnet_core.data import CAMVID, DatasetInfo
 from ecmnet_core.model import build_model
 
 VOID = 11
@@ -67,13 +67,3 @@ def make_checkpoint(path: Path, info: DatasetInfo = CAMVID, model: str = "baseli
                       ignore_index=info.ignore_index, input_size=list(input_size) if input_size else None,
                       dataset=info.name)
     return save_checkpoint(ckpt, path)
-
-
-def test_fixture_is_a_valid_camvid_dataset(tmp_path):
-    """The generated data passes the data layer's own validation with the expected counts and classes."""
-    root = make_camvid(tmp_path / "camvid", n_train=3, n_val=1)
-    info, train = build_dataset("camvid", root, "train")
-    _, val = build_dataset("auto", root, "val")
-    assert info.name == "camvid" and len(train) == 3 and len(val) == 1
-    ckpt = make_checkpoint(tmp_path / "c.pt", CITYSCAPES)
-    assert ckpt.is_file()
