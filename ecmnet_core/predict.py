@@ -3,7 +3,7 @@
 For every input image (or video frame ``<video>_<frame:06d>``) three PNGs go to ``--out``:
 ``<stem>_labels.png`` (single-channel class ids at the input size, 255 = unlabeled), ``<stem>_color.png``
 (palette colours) and ``<stem>_overlay.png`` (colours blended over the image). Predictions are made exactly as
-in ``eval`` (:func:`ecmnet_core.evaluate.segment_images`), several images per forward pass.
+in ``eval`` (:func:`ecmnet_core.inference.pipeline.segment_images`), several images per forward pass.
 """
 
 from __future__ import annotations

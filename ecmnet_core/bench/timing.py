@@ -1,5 +1,5 @@
-"""What every benchmark command shares: interleaved timing in rounds, peak memory, the environment record and
-the warning for a busy machine. ``bench`` (model, scan), ``bench_paths`` and ``bench_train`` all stand on it."""
+"""What every benchmark shares: interleaved timing in rounds, the one latency summary, peak memory, the environment
+record and the warning for a busy machine. Every ``bench`` mode, replay's report and the node's benches use it."""
 
 from __future__ import annotations
 
