@@ -1,8 +1,25 @@
-"""Which torch device a run uses: the one ``resolve_device`` for the node, the commands, training and benchmarks."""
+"""Where a run works: the torch device (the one ``resolve_device`` for the node, the commands, training and
+benchmarks) and the cache folder for what is built on this machine (compiled kernels, ONNX exports)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+CACHE_ENV = "ECMNET_CACHE_DIR"
+
+
+def cache_dir(name: str) -> Path:
+    """The cache folder of one kind of build: ``$ECMNET_CACHE_DIR/<name>`` or ``$XDG_CACHE_HOME/ecmnet/<name>``
+    (default ``~/.cache/ecmnet/<name>``)."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / name
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "ecmnet" / name
 
 
 def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
@@ -31,4 +48,4 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
-__all__ = ["resolve_device"]
+__all__ = ["CACHE_ENV", "cache_dir", "resolve_device"]

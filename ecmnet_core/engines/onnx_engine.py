@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from ecmnet_core.checkpoint import Checkpoint
+from ecmnet_core.device import cache_dir
 from ecmnet_core.engines.export import DEFAULT_OPSET, ONNX_FORMAT, export_checkpoint
-from ecmnet_core.ops.cbuild import cache_dir
 
 _INSTALL_HINT = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT), and onnx"
 

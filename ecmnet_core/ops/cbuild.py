@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CACHE_ENV = "ECMNET_CACHE_DIR"
+from ecmnet_core.device import CACHE_ENV, cache_dir
+
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-psabi")
 NATIVE_FLAGS = ("-march=native",)
 
@@ -39,17 +40,6 @@ def check_status(code: int, what: str, errors: dict[int, str] = KERNEL_ERRORS) -
     """Raise RuntimeError("<what> failed: <reason>") for a kernel call's non-zero status ``code``."""
     if code != 0:
         raise RuntimeError(f"{what} failed: {errors.get(code, f'error code {code}')}")
-
-
-def cache_dir(name: str) -> Path:
-    """Where the libraries of kernel family ``name`` are kept: ``$ECMNET_CACHE_DIR/<name>`` or
-    ``$XDG_CACHE_HOME/ecmnet/<name>`` (default ``~/.cache/ecmnet/<name>``)."""
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        return Path(root).expanduser() / name
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "ecmnet" / name
 
 
 def find_compiler() -> str | None:
