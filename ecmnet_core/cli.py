@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ecmnet_core.train.cli", "train a model from a YAML config with command-line overrides"),
     "eval": ("ecmnet_core.evaluate", "evaluate a checkpoint on a dataset split (mIoU, per-class IoU)"),
     "predict": ("ecmnet_core.predict", "segment images, folders or videos"),
+    "calibrate": ("ecmnet_core.calibrate", "fit a checkpoint's softmax temperature on a labelled split"),
     "pack": ("ecmnet_core.data.pack_cli", "pack a dataset split into tar shards"),
     "make-bag": ("ecmnet_core.bags.make_bag", "write a rosbag2 from an image folder or dataset split"),
     "replay": ("ecmnet_core.bags.replay", "evaluate a segmenter on a rosbag2 (offline, or live against a node)"),

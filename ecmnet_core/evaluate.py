@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ecmnet_core.calibrate import ConfidenceEval
 from ecmnet_core.data import DatasetInfo, Sample, bgr_lut, load_raw, trainid_to_labelid, write_image
-from ecmnet_core.inference.pipeline import as_runner, predict_labels
+from ecmnet_core.inference.pipeline import as_runner, predict_labels, runner_min_confidence
 from ecmnet_core.metrics import ConfusionMatrix
 
 
@@ -57,7 +59,8 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
                      input_size: tuple[int, int] | None = None, scale: float = 1.0, amp: bool = False,
                      batch_size: int = 1, workers: int = 0, rank: int = 0, world_size: int = 1,
                      progress: bool = False, save_color: str | Path | None = None,
-                     cityscapes_export: str | Path | None = None) -> dict[str, Any]:
+                     cityscapes_export: str | Path | None = None, confidence: bool = False,
+                     min_confidence: float | None = None) -> dict[str, Any]:
     """Evaluate ``predictor`` on every labelled sample and return the summary of one confusion matrix.
 
     Args:
@@ -68,6 +71,10 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
         save_color: folder for ``<stem>.png`` colour predictions (BGR, palette of ``info``).
         cityscapes_export: folder for ``<stem>_gtFine_labelIds.png`` official-labelId predictions, the names
             ``csEvalPixelLevelSemanticLabeling`` matches (set ``CITYSCAPES_RESULTS`` to this folder).
+        confidence: also measure calibration (ECE over 15 bins at the runner's temperature and at 1, the
+            reliability diagram) and the coverage/accuracy curve over confidence thresholds (``summary["confidence"]``).
+        min_confidence: (default: the runner's) report mIoU over the pixels whose confidence reaches it and the
+            share kept; the main figures always count every pixel.
 
     Returns:
         ``ConfusionMatrix.summary`` (miou, miou_framework, pixel_accuracy, per_class, pixels) plus ``images``,
@@ -87,6 +94,9 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
     colours = bgr_lut(info.palette)
 
     cm = ConfusionMatrix(info.num_classes, info.ignore_index)
+    threshold = runner_min_confidence(runner) if min_confidence is None else float(min_confidence)
+    conf_eval = ConfidenceEval(info, float(getattr(runner, "temperature", 1.0)), threshold) \
+        if confidence or threshold > 0 else None
     indices = range(rank, len(samples), world_size)
     loader = DataLoader(_EvalItems(samples, indices, runner.preprocess), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate)
@@ -100,10 +110,14 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
     images = 0
     try:
         for batch in loader:
-            preds = predict_labels(runner, [b[1] for b in batch], [b[3] for b in batch])
-            for (index, _, label, _), pred in zip(batch, preds):
+            logits: list[Tensor] | None = [] if conf_eval is not None else None
+            preds = predict_labels(runner, [b[1] for b in batch], [b[3] for b in batch], min_confidence=0.0,
+                                   logits_out=logits)
+            for j, ((index, _, label, _), pred) in enumerate(zip(batch, preds)):
                 if label is not None:
                     cm.update(pred, torch.from_numpy(label).to(pred.device))
+                    if conf_eval is not None:
+                        conf_eval.update(logits[j], pred, label)
                 if dirs:
                     labels = pred.to(torch.uint8).cpu().numpy()
                     stem = _stem(samples, index)
@@ -132,6 +146,8 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
         images = int(counts.item())
     summary = cm.summary(info.class_names)
     summary.update(images=images, seconds=time.perf_counter() - start, confusion_matrix=cm.matrix.tolist())
+    if conf_eval is not None:
+        summary["confidence"] = conf_eval.summary(info.class_names)
     return summary
 
 
@@ -164,6 +180,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compare-tta", action="store_true",
                         help="evaluate without and with flip test-time augmentation and print both mIoUs and costs")
+    parser.add_argument("--calibration", action="store_true",
+                        help="also report the expected calibration error (15 bins) at the checkpoint's temperature "
+                             "and at 1, and the coverage/accuracy over confidence thresholds")
+    parser.add_argument("--reliability", default=None, metavar="PNG",
+                        help="draw the reliability diagram here (implies --calibration)")
+    parser.add_argument("--confidence-curve", default=None, metavar="PNG",
+                        help="plot pixels kept, mIoU and accuracy over them against min_confidence (implies "
+                             "--calibration)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,11 +224,15 @@ def run(args: argparse.Namespace) -> int:
         segmenter.config.tta = mode  # the Segmenter's runner reads it per call
         results[mode] = evaluate_samples(segmenter, samples, info, batch_size=args.batch_size,
                                          workers=args.workers, progress=not args.no_progress,
-                                         save_color=args.save_color, cityscapes_export=args.cityscapes_export)
+                                         save_color=args.save_color, cityscapes_export=args.cityscapes_export,
+                                         confidence=bool(args.calibration or args.reliability
+                                                         or args.confidence_curve))
         if len(modes) > 1:
             print(f"-- tta {mode}")
         print(format_summary(results[mode], info.class_names))
         print(f"{results[mode]['images']} images in {results[mode]['seconds']:.1f} s (tta {mode})")
+        if "confidence" in results[mode]:
+            _report_confidence(results[mode]["confidence"], info.class_names, args)
     summary = results[modes[-1]]
     if args.compare_tta:
         plain, flip = results["none"], results["flip"]
@@ -225,3 +253,24 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(out, indent=2))
         print(f"summary written to {path}")
     return 0
+
+
+def _report_confidence(conf: dict[str, Any], class_names: Sequence[str], args: argparse.Namespace) -> None:
+    """Print the confidence figures of a summary and draw the plots asked for."""
+    from ecmnet_core.calibrate import plot_confidence_curve, plot_reliability
+
+    if args.calibration or args.reliability or args.confidence_curve:
+        print(f"calibration: ECE ({conf['bins']} bins) {100 * conf['ece']:.2f} % at temperature "
+              f"{conf['temperature']:.4g}, {100 * conf['ece_uncalibrated']:.2f} % at temperature 1")
+        print("min_confidence  kept %  pixel acc %  mIoU %")
+        for row in sorted(conf["curve"], key=lambda r: r["threshold"]):
+            print(f"{row['threshold']:>14.2f}  {100 * row['kept']:6.2f}  {100 * row['pixel_accuracy']:11.2f}  "
+                  f"{100 * row['miou']:6.2f}")
+    if conf.get("kept"):
+        miou, acc = (conf["kept"][k] if conf["kept"][k] is not None else math.nan for k in ("miou", "pixel_accuracy"))
+        print(f"min_confidence {conf['min_confidence']:g}: {100 * conf['kept_share']:.2f} % of the labelled pixels "
+              f"kept; over them mIoU {100 * miou:.2f} %, pixel accuracy {100 * acc:.2f} %")
+    if args.reliability:
+        print(f"reliability diagram: {plot_reliability(conf, args.reliability)}")
+    if args.confidence_curve:
+        print(f"confidence curve: {plot_confidence_curve(conf, args.confidence_curve)}")

@@ -150,3 +150,84 @@ class ConfusionMatrix:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_classes={self.num_classes}, pixels={int(self.matrix.sum())})"
+
+
+#: Confidence thresholds of the coverage/accuracy curve (``eval --confidence-curve``).
+CURVE_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(20))
+
+
+class CalibrationStats:
+    """Per-pixel confidence against correctness over a split: the expected calibration error (ECE) over equal-width
+    confidence bins, the reliability diagram, and the coverage/accuracy curve over confidence thresholds.
+
+    ``update(confidence, pred, target)``: confidence in [0, 1] of the predicted class, (any shape, same as the
+    class-id maps); pixels whose target is the ignore index (or outside [0, K)) are skipped. For the curve, one
+    confusion matrix per threshold over the pixels kept (confidence >= threshold), so mIoU over kept pixels too.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int, bins: int = 15,
+                 thresholds: Sequence[float] = CURVE_THRESHOLDS) -> None:
+        self.num_classes, self.ignore_index, self.bins = int(num_classes), int(ignore_index), int(bins)
+        self.count = np.zeros(self.bins, np.int64)
+        self.conf_sum = np.zeros(self.bins, np.float64)
+        self.correct = np.zeros(self.bins, np.int64)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.kept = [ConfusionMatrix(num_classes, ignore_index) for _ in self.thresholds]
+        self.pixels = 0
+
+    def update(self, confidence: np.ndarray | torch.Tensor, pred: np.ndarray | torch.Tensor,
+               target: np.ndarray | torch.Tensor) -> None:
+        conf = torch.as_tensor(confidence).reshape(-1).float().cpu()
+        p = torch.as_tensor(pred).reshape(-1).long().cpu()
+        t = torch.as_tensor(target).reshape(-1).long().cpu()
+        valid = (t >= 0) & (t < self.num_classes) & (t != self.ignore_index)
+        conf, p, t = conf[valid], p[valid], t[valid]
+        self.pixels += int(t.numel())
+        b = (conf * self.bins).long().clamp_(0, self.bins - 1)
+        self.count += torch.bincount(b, minlength=self.bins).numpy()
+        self.conf_sum += torch.bincount(b, weights=conf.double(), minlength=self.bins).numpy()
+        self.correct += torch.bincount(b, weights=(p == t).double(), minlength=self.bins).numpy().astype(np.int64)
+        for threshold, cm in zip(self.thresholds, self.kept):
+            keep = conf >= threshold
+            cm.update(p[keep], t[keep])
+
+    def ece(self) -> float:
+        """sum over bins of (bin share) * |accuracy - mean confidence|; nan with no pixels."""
+        if self.pixels == 0:
+            return float("nan")
+        seen = self.count > 0
+        acc = self.correct[seen] / self.count[seen]
+        mean_conf = self.conf_sum[seen] / self.count[seen]
+        return float(np.sum(self.count[seen] / self.pixels * np.abs(acc - mean_conf)))
+
+    def reliability(self) -> list[dict]:
+        """Per bin: its confidence range, pixel count, mean confidence and accuracy (None when empty)."""
+        out = []
+        for i in range(self.bins):
+            n = int(self.count[i])
+            out.append({"lo": i / self.bins, "hi": (i + 1) / self.bins, "pixels": n,
+                        "confidence": float(self.conf_sum[i] / n) if n else None,
+                        "accuracy": float(self.correct[i] / n) if n else None})
+        return out
+
+    def curve(self) -> list[dict]:
+        """Per threshold: the share of labelled pixels kept, pixel accuracy and standard mIoU over them."""
+        rows = []
+        for threshold, cm in zip(self.thresholds, self.kept):
+            kept = int(cm.matrix.sum())
+            rows.append({"threshold": threshold, "kept": kept / self.pixels if self.pixels else float("nan"),
+                         "pixel_accuracy": cm.pixel_accuracy() if kept else float("nan"),
+                         "miou": cm.miou() if kept else float("nan")})
+        return rows
+
+    def kept_at(self, threshold: float) -> tuple[float, ConfusionMatrix]:
+        """(share kept, confusion over the kept pixels) at one of the curve's thresholds, or at any threshold
+        added with :meth:`add_threshold` before the updates."""
+        i = self.thresholds.index(float(threshold))
+        kept = int(self.kept[i].matrix.sum())
+        return (kept / self.pixels if self.pixels else float("nan")), self.kept[i]
+
+    def add_threshold(self, threshold: float) -> None:
+        if float(threshold) not in self.thresholds:
+            self.thresholds = (*self.thresholds, float(threshold))
+            self.kept.append(ConfusionMatrix(self.num_classes, self.ignore_index))

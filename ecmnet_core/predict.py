@@ -111,6 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint file (default: the packaged ecmnet_core/weights/ecmnet_camvid.pt)")
     add_segmenter_arguments(parser)
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour mask (0..1)")
+    parser.add_argument("--save-confidence", action="store_true",
+                        help="also write <stem>_confidence.png: the calibrated probability of each pixel's class, "
+                             "x255 (mono8)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per forward pass (default: 8 on CUDA, 1 on the CPU)")
 
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from ecmnet_core.checkpoint import CheckpointError
     from ecmnet_core.inference import Segmenter
     from ecmnet_core.inference.options import inference_config_from_args
-    from ecmnet_core.inference.pipeline import segment_images
+    from ecmnet_core.inference.pipeline import confidence_image, segment_images
 
     if not 0.0 <= args.alpha <= 1.0:
         print(f"predict: --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
@@ -143,10 +146,13 @@ def run(args: argparse.Namespace) -> int:
     count, start = 0, time.perf_counter()
     try:
         for batch in _batches(iter_frames(inputs), batch_size):
-            labels = segment_images(segmenter, [image for _, image in batch])
-            for (stem, image), lab in zip(batch, labels):
+            probs: list[np.ndarray] | None = [] if args.save_confidence else None
+            labels = segment_images(segmenter, [image for _, image in batch], confidence=probs)
+            for i, ((stem, image), lab) in enumerate(zip(batch, labels)):
                 name = _unique(stem, used)
                 write_image(out / f"{name}_labels.png", lab)
+                if probs is not None:
+                    write_image(out / f"{name}_confidence.png", confidence_image(probs[i]))
                 write_image(out / f"{name}_color.png", segmenter.colorize(lab))
                 write_image(out / f"{name}_overlay.png", segmenter.overlay(image, lab, args.alpha))
             count += len(batch)

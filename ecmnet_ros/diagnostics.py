@@ -94,7 +94,7 @@ def stream_status(name: str, stream: Stream, now: float, hardware_id: str, activ
         "latency_p50_ms": lat50, "latency_p95_ms": lat95, "latency_max_ms": latmax,
         "inference_p50_ms": inf50, "inference_p95_ms": inf95, "model_call_p50_ms": model50,
         "node_overhead_p50_ms": lat50 - model50, "stamp_age_p50_ms": age50,
-        "max_rate_hz": max_rate_hz,
+        "max_rate_hz": max_rate_hz, "unknown_share_last_frame": stream.unknown_share,
     }
     if not active:
         level, message = WARN, "inactive"

@@ -33,14 +33,18 @@ def coverage_array(coverage: np.ndarray) -> Float32MultiArray:
 
 
 def coverage_stamped(header, coverage: np.ndarray, class_names: list[str], name: str,
-                     only: tuple[str, ...] = ()) -> DiagnosticArray:
+                     only: tuple[str, ...] = (), unknown_share: float | None = None) -> DiagnosticArray:
     """The stamped, self-describing companion: header = input header, one ``KeyValue(class, fraction)`` per class.
 
     ``only`` restricts the listed classes (the ``coverage_classes`` parameter); empty lists all of them.
+    ``unknown_share`` (with ``min_confidence``) adds ``KeyValue("unknown", fraction of all pixels)``; the class
+    fractions are then of the pixels that kept a class.
     """
     wanted = set(only)
     values = [KeyValue(key=cls, value=f"{float(frac):.6f}") for cls, frac in zip(class_names, coverage)
               if not wanted or cls in wanted]
+    if unknown_share is not None:
+        values.append(KeyValue(key="unknown", value=f"{float(unknown_share):.6f}"))
     status = DiagnosticStatus(level=DiagnosticStatus.OK, name=name, message="class coverage (fraction of labelled "
                               "pixels)", hardware_id=header.frame_id, values=values)
     return DiagnosticArray(header=header, status=[status])

@@ -120,6 +120,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("points_filter_unpainted", BOOL, False, LIVE,
               "also drop points no camera painted (outside the images) from ~/points_filtered"),
     # ---- behaviour (live)
+    ParamSpec("min_confidence", DOUBLE, 0.0, LIVE, "pixels whose calibrated confidence is below this get label 255 "
+              "(unknown) in ~/labels and are left out of coverage; 0 = off", range=(0.0, 1.0)),
     ParamSpec("overlay_alpha", DOUBLE, 0.5, LIVE, "weight of the class colours in ~/overlay", range=(0.0, 1.0)),
     ParamSpec("publish_color", BOOL, True, LIVE, "publish ~/color (computed only while subscribed)"),
     ParamSpec("publish_overlay", BOOL, True, LIVE, "publish ~/overlay (computed only while subscribed)"),
@@ -144,6 +146,7 @@ CLASS_NAMES = "class_names"
 class LiveSettings:
     """Snapshot of the live parameters; the worker reads one per frame, the parameter callback swaps it."""
 
+    min_confidence: float = 0.0
     overlay_alpha: float = 0.5
     publish_color: bool = True
     publish_overlay: bool = True
@@ -161,7 +164,8 @@ class LiveSettings:
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> LiveSettings:
-        return cls(overlay_alpha=float(values["overlay_alpha"]), publish_color=bool(values["publish_color"]),
+        return cls(min_confidence=float(values["min_confidence"]),
+                   overlay_alpha=float(values["overlay_alpha"]), publish_color=bool(values["publish_color"]),
                    publish_overlay=bool(values["publish_overlay"]), publish_coverage=bool(values["publish_coverage"]),
                    publish_camera_info=bool(values["publish_camera_info"]),
                    coverage_classes=tuple(c for c in values.get("coverage_classes") or () if c),

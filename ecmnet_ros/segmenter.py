@@ -40,6 +40,7 @@ from std_msgs.msg import Float32MultiArray, Header
 from ecmnet_core.allocator import limit_arenas, malloc_trim
 from ecmnet_core.image_messages import ImageConversionError, check_message, message_to_bgr8
 from ecmnet_core.inference import Segmenter
+from ecmnet_core.inference.pipeline import confidence_image
 from ecmnet_ros import diagnostics as diag
 from ecmnet_ros.messages import bgr_message, coverage_array, coverage_stamped, labels_message, scale_camera_info
 from ecmnet_ros.painting import PointPainter, transform_source
@@ -190,7 +191,7 @@ class SegmenterNode(LifecycleNode):
         self.streams = []
         for plan in plans:
             stream = Stream(topics=plan, slot=LatestSlot(self._condition), name=self.resolve_topic_name(plan.image))
-            for name, msg_type in (("labels", Image), ("color", Image), ("overlay", Image),
+            for name, msg_type in (("labels", Image), ("confidence", Image), ("color", Image), ("overlay", Image),
                                    ("coverage", Float32MultiArray), ("coverage_stamped", DiagnosticArray),
                                    ("camera_info", CameraInfo)):
                 stream.publishers[name] = self.create_lifecycle_publisher(
@@ -358,7 +359,10 @@ class SegmenterNode(LifecycleNode):
         if segmenter is None:
             return
         start = time.perf_counter()
-        results = segmenter.segment_batch(images, confidence=self.painter is not None and live.paint_probability)
+        # the confidence comes from the same forward pass; computed only when someone uses it
+        confidence = any(s.wants("confidence") for s in streams) or (
+            self.painter is not None and live.paint_probability)
+        results = segmenter.segment_batch(images, confidence=confidence, min_confidence=live.min_confidence)
         model_ms = (time.perf_counter() - start) * 1000.0 / len(images)
         for stream, frame, image, result in zip(streams, frames, images, results):
             stream.model.add(model_ms)
@@ -386,6 +390,9 @@ class SegmenterNode(LifecycleNode):
         labels = result.labels
         pubs = stream.publishers
         pubs["labels"].publish(labels_message(labels, header))
+        stream.unknown_share = result.unknown_share
+        if result.confidence is not None and stream.wants("confidence"):
+            pubs["confidence"].publish(labels_message(confidence_image(result.confidence), header))
         if self.painter is not None:
             self.painter.add_labels(self.streams.index(stream), header, labels, result.confidence,
                                     stream.camera_info)
@@ -397,7 +404,8 @@ class SegmenterNode(LifecycleNode):
             pubs["coverage"].publish(coverage_array(result.coverage))
             pubs["coverage_stamped"].publish(coverage_stamped(
                 header, result.coverage, segmenter.class_names, f"{self.get_fully_qualified_name()}: coverage "
-                f"{stream.name}", live.coverage_classes))
+                f"{stream.name}", live.coverage_classes,
+                unknown_share=result.unknown_share if live.min_confidence > 0 else None))
         info = stream.camera_info
         if live.publish_camera_info and info is not None:
             pubs["camera_info"].publish(scale_camera_info(info, header, labels.shape[1], labels.shape[0]))

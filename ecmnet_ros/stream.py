@@ -35,6 +35,7 @@ class Stream:
     errors: ErrorCounter = field(default_factory=lambda: ErrorCounter(WARN_PERIOD_S))
     processed: int = 0
     last_output: float = 0.0
+    unknown_share: float = 0.0  # of the last frame: pixels below min_confidence
 
     def wants(self, name: str) -> bool:
         """True when the (lazy) output ``name`` has at least one subscriber."""

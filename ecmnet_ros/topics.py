@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 COMPRESSED_SUFFIX = "/compressed"
 #: Output topic names, relative to a stream's prefix.
-OUTPUTS = ("labels", "color", "overlay", "coverage", "coverage_stamped", "camera_info")
+OUTPUTS = ("labels", "confidence", "color", "overlay", "coverage", "coverage_stamped", "camera_info")
 
 
 @dataclass(frozen=True)

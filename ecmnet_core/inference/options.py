@@ -33,6 +33,9 @@ def add_segmenter_arguments(parser: argparse.ArgumentParser | argparse._Argument
                         help="torch backend: no inference rewrites (BN folding, classifier before the last upsampling)")
     parser.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model first")
     parser.add_argument("--no-jit", action="store_true", help="torch backend on CPU: no TorchScript trace")
+    parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
+                        help="label pixels whose calibrated confidence is below P as 255, unknown (0..1; default 0: "
+                             "off)")
     parser.add_argument("--tta", default="none", choices=TTA_MODES,
                         help="test-time augmentation: flip also runs the mirrored image and averages the logits "
                              "(about 2x the cost; default none)")
@@ -47,6 +50,6 @@ def inference_config_from_args(args: argparse.Namespace, **overrides) -> Inferen
     values = dict(checkpoint=getattr(args, "checkpoint", None), device=args.device, fp16=args.fp16,
                   dtype=args.dtype, input_size=input_size, warmup=0, scan_backend=args.scan_backend,
                   backend=args.backend, optimize=not args.no_optimize, compile=args.compile, jit=not args.no_jit,
-                  tta=getattr(args, "tta", "none"))
+                  tta=getattr(args, "tta", "none"), min_confidence=getattr(args, "min_confidence", 0.0))
     values.update(overrides)
     return InferenceConfig(**values)

@@ -6,6 +6,10 @@ Resize the image to the network size, normalise, run the model, upsample the log
 on the mirrored batch and the two logit maps are averaged (the mirrored one mirrored back) before upsampling: about
 twice the cost, +0.8 points of CamVid val mIoU on the shipped model (MODEL_CARD.md).
 
+Confidence is the softmax probability of the chosen class, with the checkpoint's calibrated temperature
+(``softmax(logits / T)``, ``ecmnet-core calibrate``); with ``min_confidence`` > 0 pixels below it get the unknown
+label 255 (:data:`ecmnet_core.data.UNLABELED`).
+
 Below :mod:`~ecmnet_core.inference.segmenter` and ``evaluate``; it knows a Segmenter only by its attributes
 (``preprocess``, ``engine``, ``device``, ``num_classes``). Pre-processing is :class:`ecmnet_core.data.Preprocess`.
 """
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.data.transforms import Preprocess
 
 #: Test-time augmentations: none, or the mean of the logits of the image and of its mirror image.
@@ -30,6 +35,26 @@ def check_tta(tta: str) -> str:
     if tta not in TTA_MODES:
         raise ValueError(f"tta {tta!r} is not supported (choose {', '.join(TTA_MODES)})")
     return tta
+
+
+def check_min_confidence(value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1] (0 = off), got {value}")
+    return value
+
+
+def top_probability(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """(B, K, H, W) logits -> (B, H, W) float32 softmax probability of the arg-max class at ``temperature``:
+    ``1 / sum_k exp((l_k - l_max) / T)``, without the full softmax tensor."""
+    logits = logits.float()
+    top = logits.amax(dim=1, keepdim=True)
+    return torch.exp((logits - top) / temperature).sum(dim=1).reciprocal()
+
+
+def confidence_image(confidence: np.ndarray) -> np.ndarray:
+    """(H, W) probabilities in [0, 1] -> mono8 grey levels ``round(255 * p)`` (``~/confidence``, --save-confidence)."""
+    return np.clip(np.rint(np.asarray(confidence, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def tta_logits(logits_fn: Callable[[Tensor], Tensor], batch: Tensor, tta: str) -> Tensor:
@@ -50,12 +75,14 @@ class ModelRunner:
     still in training. ``logits`` runs (B, 3, h, w) normalised batches in eval mode without gradients."""
 
     def __init__(self, model: nn.Module, preprocess: Preprocess, device: torch.device | str | None = None,
-                 amp: bool = False, tta: str = "none") -> None:
+                 amp: bool = False, tta: str = "none", temperature: float = 1.0, min_confidence: float = 0.0) -> None:
         self.model = model
         self.preprocess = preprocess
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.amp = amp and self.device.type == "cuda"
         self.tta = check_tta(tta)
+        self.temperature = float(temperature)
+        self.min_confidence = check_min_confidence(min_confidence)
 
     @property
     def num_classes(self) -> int:
@@ -85,6 +112,14 @@ class SegmenterRunner:
         """The Segmenter's current ``config.tta`` (eval --compare-tta switches it between runs)."""
         return check_tta(getattr(self.segmenter.config, "tta", "none"))
 
+    @property
+    def temperature(self) -> float:
+        return float(self.segmenter.temperature)
+
+    @property
+    def min_confidence(self) -> float:
+        return float(self.segmenter.config.min_confidence)
+
     def logits(self, batch: Tensor) -> Tensor:
         return tta_logits(self.segmenter.engine.logits, batch, self.tta)
 
@@ -109,15 +144,21 @@ def as_runner(predictor: Any, mean: Sequence[float] | None = None, std: Sequence
 
 
 def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
-                   confidence: list[Tensor] | None = None) -> list[Tensor]:
+                   confidence: list[Tensor] | None = None, min_confidence: float | None = None,
+                   logits_out: list[Tensor] | None = None) -> list[Tensor]:
     """Class ids (h, w) int64 per image: same-shape inputs run as one batch, logits are upsampled bilinearly to
     ``sizes[i]`` before the argmax. Results stay on the runner's device.
 
-    ``confidence``: a list that receives, per image, the softmax probability (h, w) float32 of the chosen
-    class (point painting's per-point probability); costs one softmax at the output size.
+    ``confidence``: a list that receives, per image, the calibrated softmax probability (h, w) float32 of the
+    chosen class (``~/confidence``, point painting's per-point probability).
+    ``min_confidence`` (default: the runner's): pixels below it get label 255, the unknown id.
+    ``logits_out``: a list that receives the (K, h, w) float32 logits at the output size (evaluation statistics).
     """
+    threshold = check_min_confidence(runner_min_confidence(runner) if min_confidence is None else min_confidence)
+    temperature = float(getattr(runner, "temperature", 1.0))
     out: list[Tensor | None] = [None] * len(tensors)
     probs: list[Tensor | None] = [None] * len(tensors)
+    full: list[Tensor | None] = [None] * len(tensors)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault(tuple(t.shape), []).append(i)
@@ -127,20 +168,37 @@ def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tu
             one = logits[j:j + 1]
             if tuple(one.shape[-2:]) != tuple(sizes[i]):
                 one = F.interpolate(one, size=tuple(sizes[i]), mode="bilinear", align_corners=False)
-            out[i] = one.argmax(dim=1)[0]
-            if confidence is not None:
-                probs[i] = one.float().softmax(dim=1).amax(dim=1)[0]
+            labels = one.argmax(dim=1)[0]
+            if confidence is not None or threshold > 0:
+                probs[i] = top_probability(one, temperature)[0]
+                if threshold > 0:
+                    labels = labels.masked_fill(probs[i] < threshold, UNLABELED)
+            out[i] = labels
+            if logits_out is not None:
+                full[i] = one[0].float()
     if confidence is not None:
         confidence.extend(probs)  # type: ignore[arg-type]
+    if logits_out is not None:
+        logits_out.extend(full)  # type: ignore[arg-type]
     return out  # type: ignore[return-value]
 
 
-def segment_images(predictor: Any, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """(H, W) uint8 class ids at each image's own size, predicted as in evaluation (for predict and replay)."""
+def runner_min_confidence(runner: Runner) -> float:
+    return float(getattr(runner, "min_confidence", 0.0))
+
+
+def segment_images(predictor: Any, images: Sequence[np.ndarray],
+                   confidence: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """(H, W) uint8 class ids at each image's own size, predicted as in evaluation (for predict and replay);
+    ``confidence`` receives each image's (H, W) float32 calibrated probability of its label."""
     runner = as_runner(predictor)
-    labels = predict_labels(runner, [runner.preprocess(im) for im in images], [im.shape[:2] for im in images])
+    probs: list[Tensor] | None = [] if confidence is not None else None
+    labels = predict_labels(runner, [runner.preprocess(im) for im in images], [im.shape[:2] for im in images],
+                            confidence=probs)
+    if confidence is not None:
+        confidence.extend(p.cpu().numpy() for p in probs or [])
     return [lab.to(torch.uint8).cpu().numpy() for lab in labels]
 
 
-__all__ = ["TTA_MODES", "ModelRunner", "Runner", "SegmenterRunner", "as_runner", "predict_labels",
-           "segment_images", "tta_logits"]
+__all__ = ["TTA_MODES", "ModelRunner", "Runner", "SegmenterRunner", "as_runner", "confidence_image",
+           "predict_labels", "segment_images", "top_probability", "tta_logits"]

@@ -19,6 +19,7 @@ import torch
 from ecmnet_core.checkpoint import (
     DEFAULT_CHECKPOINT,
     Checkpoint,
+    CheckpointError,
     file_sha256,
     load_checkpoint,
     random_checkpoint,
@@ -27,7 +28,19 @@ from ecmnet_core.checkpoint import (
 from ecmnet_core.data.classes import bgr_lut
 from ecmnet_core.device import resolve_device
 from ecmnet_core.engines import ENGINES, OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
-from ecmnet_core.inference.pipeline import SegmenterRunner, check_tta, predict_labels
+from ecmnet_core.inference.pipeline import SegmenterRunner, check_min_confidence, check_tta, predict_labels
+
+
+def checkpoint_temperature(ckpt: Checkpoint) -> float:
+    """The softmax temperature stored by ``ecmnet-core calibrate`` in ``metadata["temperature"]`` (1.0 if none)."""
+    value = ckpt.metadata.get("temperature", 1.0)
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"checkpoint metadata temperature {value!r} is not a number") from None
+    if not 0.0 < temperature < 1e3:
+        raise CheckpointError(f"checkpoint metadata temperature {temperature} is not in (0, 1000)")
+    return temperature
 
 
 @dataclass
@@ -55,6 +68,8 @@ class InferenceConfig:
     cuda_graphs: bool = False
     jit: bool = True  # CPU with a fixed input_size: TorchScript trace (made during warm-up)
     tta: str = "none"  # none | flip: also run the mirrored image and average the logits (2x the cost)
+    #: pixels whose calibrated confidence is below this get label 255 (unknown); 0 = off
+    min_confidence: float = 0.0
 
     @property
     def precision(self) -> str:
@@ -63,14 +78,16 @@ class InferenceConfig:
 
 @dataclass
 class SegmentationResult:
-    """Labels (H, W) uint8 class ids at the input size (255 = unlabeled), per-class coverage, timing; with
-    ``confidence=True`` also the softmax probability (H, W) float32 of each pixel's class."""
+    """Labels (H, W) uint8 class ids at the input size (255 = unlabeled or, with ``min_confidence``, unknown),
+    per-class coverage of the labelled pixels, the share of unknown pixels, timing; with ``confidence=True``
+    also the calibrated softmax probability (H, W) float32 of each pixel's class."""
 
     labels: np.ndarray
     coverage: np.ndarray
     inference_ms: float
     extra: dict = field(default_factory=dict)
     confidence: np.ndarray | None = None
+    unknown_share: float = 0.0
 
 
 class Segmenter:
@@ -85,6 +102,7 @@ class Segmenter:
             raise ValueError(f"inference backend {config.backend!r} is not available (choose {', '.join(ENGINES)})")
         self.device = resolve_device(config.device)
         check_tta(config.tta)
+        check_min_confidence(config.min_confidence)
         if config.precision != "fp32" and self.device.type != "cuda":
             raise ValueError(f"{config.precision} inference needs a CUDA device")
         self.checkpoint = self._load(config)
@@ -96,6 +114,8 @@ class Segmenter:
         self.model_name = ckpt.model_config.name
         self.input_size = self._network_size(config.input_size, ckpt.input_size)
         self._preprocess = ckpt.preprocess(self.input_size)
+        #: softmax temperature fitted by ``ecmnet-core calibrate`` (1 = uncalibrated), stored in the checkpoint
+        self.temperature = checkpoint_temperature(ckpt)
 
         self.engine = self._engine(config, ckpt)
         #: the PyTorch module (None with the onnxruntime backend)
@@ -183,22 +203,26 @@ class Segmenter:
     def segment(self, image: np.ndarray) -> SegmentationResult:
         return self.segment_batch([image])[0]
 
-    def segment_batch(self, images: list[np.ndarray], confidence: bool = False) -> list[SegmentationResult]:
+    def segment_batch(self, images: list[np.ndarray], confidence: bool = False,
+                      min_confidence: float | None = None) -> list[SegmentationResult]:
         """Segment several images (e.g. one per camera); same-size inputs run as one batch.
 
         Labels are made exactly as ``ecmnet-core eval`` makes them
         (:func:`ecmnet_core.inference.pipeline.predict_labels`: logits upsampled bilinearly to the input size, then
         argmax), so node, replay and eval agree.
-        ``confidence`` adds each pixel's class probability (for painted point clouds).
+        ``confidence`` adds each pixel's calibrated class probability (``~/confidence``, painted point clouds);
+        ``min_confidence`` (default ``config.min_confidence``) turns pixels below it into 255, the unknown id.
         """
         tensors = [self.preprocess(img) for img in images]
+        threshold = self.config.min_confidence if min_confidence is None else check_min_confidence(min_confidence)
         start = time.perf_counter()
         probs: list[torch.Tensor] | None = [] if confidence else None
-        preds = predict_labels(self._runner, tensors, [img.shape[:2] for img in images], probs)
+        preds = predict_labels(self._runner, tensors, [img.shape[:2] for img in images], probs, threshold)
         labels = [p.to(torch.uint8).cpu().numpy() for p in preds]
         conf = [p.cpu().numpy() for p in probs] if probs is not None else [None] * len(labels)
         elapsed = (time.perf_counter() - start) * 1000.0 / max(len(images), 1)
-        return [SegmentationResult(labels=lab, coverage=self.coverage(lab), inference_ms=elapsed, confidence=c)
+        return [SegmentationResult(labels=lab, coverage=self.coverage(lab), inference_ms=elapsed, confidence=c,
+                                   unknown_share=self.unknown_share(lab) if threshold > 0 else 0.0)
                 for lab, c in zip(labels, conf)]
 
     # ------------------------------------------------------------------------------------------------ outputs
@@ -207,6 +231,10 @@ class Segmenter:
         counts = np.bincount(labels.ravel(), minlength=256)[: self.num_classes].astype(np.float64)
         total = counts.sum()
         return (counts / total if total else counts).astype(np.float32)
+
+    def unknown_share(self, labels: np.ndarray) -> float:
+        """Fraction of pixels without a class (255: unknown, below ``min_confidence``)."""
+        return float(np.count_nonzero(labels >= self.num_classes)) / max(labels.size, 1)
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
         """(H, W) class ids -> (H, W, 3) BGR colour mask; unlabeled pixels are black."""
@@ -230,6 +258,7 @@ class Segmenter:
             "checkpoint_hash": self.checkpoint_hash,
             "device": str(self.device),
             "dtype": self.config.precision,
+            "temperature": f"{self.temperature:.4g}",
             "scan_backend": str(self.scan_backend),
             **self.engine.describe(),
             "input_size": "native" if self.input_size is None else f"{self.input_size[0]}x{self.input_size[1]}",
