@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import time
 
 MIB = 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
@@ -67,4 +68,28 @@ def malloc_trim() -> bool:
     return bool(lib is not None and hasattr(lib, "malloc_trim") and lib.malloc_trim(0))
 
 
-__all__ = ["MIB", "keep_freed_memory", "limit_arenas", "libc", "malloc_trim", "pin_mmap_threshold"]
+class TrimOnResize:
+    """Return freed heap memory to the OS when the input sizes changed (at most once per ``interval_s``).
+
+    Buffers of a new size (decoded image, label map, resized copies) leave holes of the old size in glibc's heaps,
+    and a heap only shrinks from its top: a camera that changes resolution, or a publisher of random sizes, would
+    ratchet RSS up. At a fixed size nothing is trimmed, so the steady state pays nothing. Call with the shapes of
+    each processed batch.
+    """
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._shapes: tuple[tuple[int, ...], ...] = ()
+        self._last = 0.0
+
+    def __call__(self, shapes: tuple[tuple[int, ...], ...]) -> None:
+        if shapes == self._shapes:
+            return
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:  # otherwise the next batch still sees a change and trims then
+            malloc_trim()
+            self._last = now
+            self._shapes = shapes
+
+
+__all__ = ["MIB", "TrimOnResize", "keep_freed_memory", "limit_arenas", "libc", "malloc_trim", "pin_mmap_threshold"]

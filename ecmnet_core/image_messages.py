@@ -167,13 +167,18 @@ def _to_8bit(array: np.ndarray) -> np.ndarray:
 
 def image_to_bgr8(msg: Any, max_pixels: int | None = None) -> np.ndarray:
     """``sensor_msgs/Image`` -> HxWx3 BGR uint8 (colour encodings) or HxW uint8 (mono, 16UC1 ...)."""
-    array = image_to_array(msg, max_pixels)
-    info = _ENCODINGS[msg.encoding]
+    return array_to_bgr8(image_to_array(msg, max_pixels), msg.encoding)
+
+
+def array_to_bgr8(array: np.ndarray, encoding: str) -> np.ndarray:
+    """An Image's pixels as :func:`image_to_array` (or cv_bridge's ``passthrough``) gives them -> what the
+    Segmenter takes: HxWx3 BGR uint8 for colour encodings, HxW uint8 for single-channel ones."""
+    info = encoding_info(encoding)
     if info.to_bgr is None:
         return _to_8bit(array)
-    if msg.encoding.startswith("bayer_"):
+    if encoding.startswith("bayer_"):
         return _to_8bit(cv2.cvtColor(np.ascontiguousarray(array), info.to_bgr))
-    if info.channels == 2 or msg.encoding in PLANAR_420:
+    if info.channels == 2 or encoding in PLANAR_420:
         return cv2.cvtColor(np.ascontiguousarray(array), info.to_bgr)
     return cv2.cvtColor(_to_8bit(array), info.to_bgr)
 

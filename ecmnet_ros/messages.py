@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 from array import array
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -12,17 +14,21 @@ from std_msgs.msg import Float32MultiArray, MultiArrayDimension, MultiArrayLayou
 
 from ecmnet_core.image_messages import array_to_image
 
+#: builds an Image from (array, encoding, header): :meth:`ecmnet_ros.bridge.ImageCodec.encode` (cv_bridge) in the
+#: node, the core's :func:`~ecmnet_core.image_messages.array_to_image` by default
+Encoder = Callable[[np.ndarray, str, Any], Any]
 
-def labels_message(labels: np.ndarray, header):
-    """(H, W) uint8 class ids -> mono8 ``Image`` with the input's header (255 = unlabeled)."""
+
+def labels_message(labels: np.ndarray, header, encode: Encoder = array_to_image):
+    """(H, W) uint8 class ids (or confidence grey levels) -> mono8 ``Image`` with the input's header."""
     if labels.dtype != np.uint8 or labels.ndim != 2:
         raise ValueError(f"labels must be an (H, W) uint8 array, got {labels.shape} {labels.dtype}")
-    return array_to_image(labels, "mono8", header)
+    return encode(labels, "mono8", header)
 
 
-def bgr_message(image: np.ndarray, header):
+def bgr_message(image: np.ndarray, header, encode: Encoder = array_to_image):
     """(H, W, 3) BGR uint8 (colour mask, overlay) -> bgr8 ``Image`` with the input's header."""
-    return array_to_image(image, "bgr8", header)
+    return encode(image, "bgr8", header)
 
 
 def coverage_array(coverage: np.ndarray) -> Float32MultiArray:

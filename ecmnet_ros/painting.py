@@ -1,7 +1,7 @@
 """The segmenter node's point painting: PointCloud2 in, the same cloud with a ``label`` field out.
 
-Thin around :mod:`ecmnet_core.points`: clouds are decoded by :func:`~ecmnet_core.points.cloud.read_cloud`,
-paired with label images by :class:`~ecmnet_core.points.painting.CloudMatcher` and painted by
+Thin around :mod:`ecmnet_core.points`: clouds are read and written with ``sensor_msgs_py``
+(:mod:`ecmnet_ros.clouds`, after the core's checks), paired with label images by :class:`~ecmnet_core.points.painting.CloudMatcher` and painted by
 :func:`~ecmnet_core.points.painting.paint_points`. This module only does the ROS side: the subscription, the
 publishers, the LiDAR -> camera transform (TF when ``tf2_ros`` is importable, else the ``lidar_to_camera``
 parameter) and the counters for ``/diagnostics``.
@@ -20,7 +20,7 @@ from sensor_msgs.msg import PointCloud2
 
 from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.points.camera import CameraModel, CameraModelError
-from ecmnet_core.points.cloud import Cloud, CloudError, cloud_message, labeled_records, read_cloud
+from ecmnet_core.points.cloud import Cloud, CloudError, labeled_records
 from ecmnet_core.points.painting import (
     CloudMatcher,
     LabelFrame,
@@ -29,6 +29,7 @@ from ecmnet_core.points.painting import (
     rigid_transform,
     transform_from_quaternion,
 )
+from ecmnet_ros.clouds import read_ros_cloud, ros_cloud_message
 from ecmnet_ros.params import LiveSettings
 from ecmnet_ros.runtime import stamp_ns
 from ecmnet_ros.stats import ErrorCounter, LatencyWindow
@@ -154,7 +155,7 @@ class PointPainter:
         with self._lock:
             self.stats.clouds_received += 1
         try:
-            cloud = read_cloud(msg, MAX_POINTS)
+            cloud = read_ros_cloud(msg, MAX_POINTS)
         except CloudError as exc:
             self._bad(exc.kind, str(exc))
             return
@@ -230,7 +231,8 @@ class PointPainter:
             s.points_nonfinite += result.nonfinite
             s.paint_ms.add((time.perf_counter() - start) * 1000.0)
         pubs = self.publishers
-        pubs["points_labeled"].publish(cloud_message(records, fields, header, cloud.height, cloud.is_bigendian))
+        pubs["points_labeled"].publish(ros_cloud_message(records, fields, header, cloud.height,
+                                                           cloud.is_bigendian))
         filtered = pubs["points_filtered"]
         if filtered.get_subscription_count() > 0:
             names = list(self.node.segmenter.class_names) if self.node.segmenter is not None else []
@@ -239,7 +241,7 @@ class PointPainter:
                 drop.append(UNLABELED)
             keep = ~np.isin(result.labels, drop)
             rec, fl = labeled_records(cloud, result.labels, probability, keep)
-            filtered.publish(cloud_message(rec, fl, header, 1, cloud.is_bigendian))
+            filtered.publish(ros_cloud_message(rec, fl, header, 1, cloud.is_bigendian))
 
     def _bad(self, kind: str, text: str) -> None:
         if self.stats.errors.add(kind, text):

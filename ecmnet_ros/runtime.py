@@ -215,3 +215,17 @@ def parameter_descriptor(spec: ParamSpec) -> ParameterDescriptor:
         desc.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]),
                                                         to_value=float(spec.range[1]), step=0.0)]
     return desc
+
+
+def set_read_only_parameter(node: Node, name: str, value: list[str], description: str) -> None:
+    """Declare (or update) a string-array parameter that users can read but not set, e.g. ``class_names``."""
+    from rclpy.parameter import Parameter
+
+    desc = ParameterDescriptor(name=name, type=Parameter.Type.STRING_ARRAY.value, read_only=True,
+                               description=description)
+    if not node.has_parameter(name):
+        node.declare_parameter(name, value, desc, ignore_override=True)
+    elif list(node.get_parameter(name).value) != value:
+        # read-only for users; a reconfigure with another model updates it (rclpy skips the read-only check
+        # when descriptors are passed, and still publishes the parameter event)
+        node._set_parameters_atomically_common([Parameter(name, value=value)], {name: desc})

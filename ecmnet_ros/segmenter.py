@@ -27,7 +27,7 @@ import numpy as np
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -37,11 +37,12 @@ from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Float32MultiArray, Header
 
-from ecmnet_core.allocator import limit_arenas, malloc_trim
-from ecmnet_core.image_messages import ImageConversionError, check_message, message_to_bgr8
+from ecmnet_core.allocator import TrimOnResize, limit_arenas
+from ecmnet_core.image_messages import ImageConversionError, check_message
 from ecmnet_core.inference import Segmenter
 from ecmnet_core.inference.pipeline import confidence_image
 from ecmnet_ros import diagnostics as diag
+from ecmnet_ros.bridge import ImageCodec
 from ecmnet_ros.messages import bgr_message, coverage_array, coverage_stamped, labels_message, scale_camera_info
 from ecmnet_ros.painting import PointPainter, transform_source
 from ecmnet_ros.params import (
@@ -53,7 +54,14 @@ from ecmnet_ros.params import (
     inference_config,
     validate,
 )
-from ecmnet_ros.runtime import ShutdownRequested, Spinner, parameter_descriptor, stamp_ns, stop_on_signals
+from ecmnet_ros.runtime import (
+    ShutdownRequested,
+    Spinner,
+    parameter_descriptor,
+    set_read_only_parameter,
+    stamp_ns,
+    stop_on_signals,
+)
 from ecmnet_ros.stats import LatestSlot
 from ecmnet_ros.stream import WARN_PERIOD_S, Stream
 from ecmnet_ros.topics import plan_streams
@@ -84,8 +92,9 @@ class SegmenterNode(LifecycleNode):
         self._worker: threading.Thread | None = None
         #: set by ``main`` when a signal asks the process to stop (a configure it interrupts is not an error)
         self.shutdown_requested = threading.Event()
-        self._last_shapes: tuple[tuple[int, ...], ...] = ()
-        self._last_trim = 0.0
+        self._trim = TrimOnResize()  # freed memory back to the OS when input sizes change
+        #: input decoding and output Images: cv_bridge where it converts correctly (ecmnet_ros.bridge)
+        self.codec = ImageCodec()
         self._stopping = False
         super().__init__(node_name, **kwargs)
         for spec in PARAMS:
@@ -129,17 +138,6 @@ class SegmenterNode(LifecycleNode):
         """Current value of every node parameter in :data:`ecmnet_ros.params.PARAMS` (None when unset)."""
         return {spec.name: self.get_parameter_or(spec.name).value for spec in PARAMS}
 
-    def _publish_class_names(self, names: list[str]) -> None:
-        desc = ParameterDescriptor(name=CLASS_NAMES, type=Parameter.Type.STRING_ARRAY.value, read_only=True,
-                                   description="class names of the loaded model, index = class id in ~/labels "
-                                               "and ~/coverage (255 = unlabeled)")
-        if not self.has_parameter(CLASS_NAMES):
-            self.declare_parameter(CLASS_NAMES, names, desc, ignore_override=True)
-        elif list(self.get_parameter(CLASS_NAMES).value) != names:
-            # read-only for users; a reconfigure with another model updates it (rclpy skips the read-only check
-            # when descriptors are passed, and still publishes the parameter event)
-            self._set_parameters_atomically_common([Parameter(CLASS_NAMES, value=names)], {CLASS_NAMES: desc})
-
     # ------------------------------------------------------------------------------------------ lifecycle
     def bring_up(self) -> bool:
         """Configure and activate unless ``autostart`` is false; True when the node ends up active."""
@@ -181,7 +179,8 @@ class SegmenterNode(LifecycleNode):
         if segmenter.random_weights:
             log.warning(f"RANDOM WEIGHTS: no checkpoint, model {segmenter.model_name!r} is untrained - its labels "
                         "are meaningless (set the 'checkpoint' parameter for real output)")
-        self._publish_class_names(list(segmenter.class_names))
+        set_read_only_parameter(self, CLASS_NAMES, list(segmenter.class_names), "class names of the loaded model, "
+                                "index = class id in ~/labels and ~/coverage (255 = unlabeled or unknown)")
         unknown = [c for c in self._live.coverage_classes if c not in segmenter.class_names]
         if unknown:
             log.warning(f"coverage_classes {unknown} are not classes of this model {segmenter.class_names}; "
@@ -346,7 +345,7 @@ class SegmenterNode(LifecycleNode):
         for stream, frame in batch:
             stream.next_due = time.monotonic() + period
             try:
-                image = message_to_bgr8(frame.msg, live.max_image_pixels)
+                image = self.codec.decode(frame.msg, live.max_image_pixels)
             except ImageConversionError as exc:
                 self._bad_message(stream, exc.kind, str(exc))
                 continue
@@ -367,39 +366,25 @@ class SegmenterNode(LifecycleNode):
         for stream, frame, image, result in zip(streams, frames, images, results):
             stream.model.add(model_ms)
             self._publish(segmenter, stream, frame, image, result, live)
-        self._trim_after_size_change(tuple(image.shape for image in images))
-
-    def _trim_after_size_change(self, shapes: tuple[tuple[int, ...], ...]) -> None:
-        """Return freed heap memory to the OS when the input sizes changed (at most once a second).
-
-        Buffers of a new size (decoded image, label map, resized copies) leave holes of the old size in glibc's
-        heaps, and a heap only shrinks from its top: a camera that changes resolution, or a publisher of random
-        sizes, would ratchet RSS up. At a fixed size nothing is trimmed, so the steady state pays nothing.
-        """
-        if shapes == self._last_shapes:
-            return
-        now = time.monotonic()
-        if now - self._last_trim >= 1.0:  # otherwise the next frame still sees a change and trims then
-            malloc_trim()
-            self._last_trim = now
-            self._last_shapes = shapes
+        self._trim(tuple(image.shape for image in images))
 
     def _publish(self, segmenter: Segmenter, stream: Stream, frame: Any, image: np.ndarray, result: Any,
                  live: LiveSettings) -> None:
         header = frame.msg.header
         labels = result.labels
         pubs = stream.publishers
-        pubs["labels"].publish(labels_message(labels, header))
+        encode = self.codec.encode
+        pubs["labels"].publish(labels_message(labels, header, encode))
         stream.unknown_share = result.unknown_share
         if result.confidence is not None and stream.wants("confidence"):
-            pubs["confidence"].publish(labels_message(confidence_image(result.confidence), header))
+            pubs["confidence"].publish(labels_message(confidence_image(result.confidence), header, encode))
         if self.painter is not None:
             self.painter.add_labels(self.streams.index(stream), header, labels, result.confidence,
                                     stream.camera_info)
         if live.publish_color and stream.wants("color"):
-            pubs["color"].publish(bgr_message(segmenter.colorize(labels), header))
+            pubs["color"].publish(bgr_message(segmenter.colorize(labels), header, encode))
         if live.publish_overlay and stream.wants("overlay"):
-            pubs["overlay"].publish(bgr_message(segmenter.overlay(image, labels, live.overlay_alpha), header))
+            pubs["overlay"].publish(bgr_message(segmenter.overlay(image, labels, live.overlay_alpha), header, encode))
         if live.publish_coverage:
             pubs["coverage"].publish(coverage_array(result.coverage))
             pubs["coverage_stamped"].publish(coverage_stamped(

@@ -16,7 +16,8 @@ python -m pip install -q -e ".[test,ros]" 2>&1 | grep -v -i warning || true
 # wheels when they are there; without them the tests that drive colcon/ros2 skip.
 ROS2_PYTHON="${ECMNET_SHARED:-../shared}/ros2_python"
 if [[ -f "$ROS2_PYTHON/install.sh" ]]; then
-  python -c "import launch_ros, ros2cli, colcon_core" 2>/dev/null || bash "$ROS2_PYTHON/install.sh" 2>&1 | grep -v -i warning
+  python -c "import launch_ros, ros2cli, colcon_core, sensor_msgs_py, cv_bridge" 2>/dev/null \
+    || bash "$ROS2_PYTHON/install.sh" 2>&1 | grep -v -i warning
 else
   echo "ros2 tooling: $ROS2_PYTHON/install.sh not found, skipping (colcon/ros2 launch tests will skip)"
 fi

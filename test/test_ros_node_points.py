@@ -45,7 +45,7 @@ def fake_model(node, confidence_value: float = 0.8) -> None:
     """The node's segmenter returns the scene's labels (and a constant confidence)."""
     seg = node.segmenter
 
-    def segment_batch(images, confidence=False):
+    def segment_batch(images, confidence=False, min_confidence=None):
         conf = np.full(SCENE.labels.shape, confidence_value, np.float32) if confidence else None
         return [SegmentationResult(labels=SCENE.labels.copy(), coverage=seg.coverage(SCENE.labels), inference_ms=0.0,
                                    confidence=conf) for _ in images]

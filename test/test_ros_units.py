@@ -120,28 +120,25 @@ def test_coverage_and_camera_info_messages():
 def test_heap_is_trimmed_after_input_size_changes_only(monkeypatch):
     """The worker hands freed heap back to the OS when input sizes change (at most once a second), never at a
     fixed size, where it would only cost time."""
-    from types import SimpleNamespace
-
-    from ecmnet_ros import segmenter as seg
+    from ecmnet_core import allocator
 
     trims: list[float] = []
     clock = [100.0]
-    monkeypatch.setattr(seg, "malloc_trim", lambda: trims.append(clock[0]) or True)
-    monkeypatch.setattr(seg.time, "monotonic", lambda: clock[0])
-    node = SimpleNamespace(_last_shapes=(), _last_trim=0.0)
-    step = seg.SegmenterNode._trim_after_size_change
-    step(node, ((360, 480, 3),))
+    monkeypatch.setattr(allocator, "malloc_trim", lambda: trims.append(clock[0]) or True)
+    monkeypatch.setattr(allocator.time, "monotonic", lambda: clock[0])
+    trim = allocator.TrimOnResize()
+    trim(((360, 480, 3),))
     assert trims == [100.0]
     for _ in range(5):  # same size: nothing to give back
         clock[0] += 0.1
-        step(node, ((360, 480, 3),))
+        trim(((360, 480, 3),))
     assert trims == [100.0]
     clock[0] += 0.1
-    step(node, ((720, 960, 3),))  # a change 0.6 s after the last trim: not yet ...
+    trim(((720, 960, 3),))  # a change 0.6 s after the last trim: not yet ...
     assert len(trims) == 1
     clock[0] += 1.0
-    step(node, ((720, 960, 3),))  # ... but on the next frame, once a second has passed
+    trim(((720, 960, 3),))  # ... but on the next frame, once a second has passed
     assert trims == [100.0, clock[0]]
     clock[0] += 10.0
-    step(node, ((720, 960, 3),))
+    trim(((720, 960, 3),))
     assert len(trims) == 2

@@ -76,6 +76,23 @@ def _fields(msg: Any) -> list[Field]:
 
 def read_cloud(msg: Any, max_points: int | None = None) -> Cloud:
     """Check and decode a PointCloud2; :class:`CloudError` says what is wrong (nothing is guessed)."""
+    fields, records = check_cloud(msg, max_points)
+    by_name = {f.name: f for f in fields}
+    n, big = len(records), bool(msg.is_bigendian)
+    dtypes = {by_name[a].datatype for a in "xyz"}
+    out_type = np.float32 if dtypes == {7} else np.float64
+    xyz = np.empty((n, 3), out_type)
+    for i, a in enumerate("xyz"):
+        f = by_name[a]
+        t = np.dtype(POINT_FIELD_TYPES[f.datatype]).newbyteorder(">" if big else "<")
+        xyz[:, i] = records[:, f.offset: f.offset + t.itemsize].copy().view(t).ravel()
+    return Cloud(records=records, xyz=xyz, fields=fields, height=int(msg.height), width=int(msg.width),
+                 is_bigendian=big)
+
+
+def check_cloud(msg: Any, max_points: int | None = None) -> tuple[list[Field], np.ndarray]:
+    """Validate a PointCloud2 (float x, y, z; fields inside the point; sizes that fit the data) and return its
+    fields and its points' bytes, (N, point_step) uint8 without row padding. :class:`CloudError` otherwise."""
     height, width = int(msg.height), int(msg.width)
     step, row_step = int(msg.point_step), int(msg.row_step)
     fields = _fields(msg)
@@ -102,16 +119,7 @@ def read_cloud(msg: Any, max_points: int | None = None) -> Cloud:
         raise CloudError("size", f"data has {data.size} bytes, {height} rows of row_step {row_step} need "
                                  f"{row_step * height}")
     rows = data[: row_step * height].reshape(height, row_step) if height else data[:0].reshape(0, row_step)
-    records = np.ascontiguousarray(rows[:, : width * step]).reshape(n, step)
-    big = bool(msg.is_bigendian)
-    dtypes = {by_name[a].datatype for a in "xyz"}
-    out_type = np.float32 if dtypes == {7} else np.float64
-    xyz = np.empty((n, 3), out_type)
-    for i, a in enumerate("xyz"):
-        f = by_name[a]
-        t = np.dtype(POINT_FIELD_TYPES[f.datatype]).newbyteorder(">" if big else "<")
-        xyz[:, i] = records[:, f.offset: f.offset + t.itemsize].copy().view(t).ravel()
-    return Cloud(records=records, xyz=xyz, fields=fields, height=height, width=width, is_bigendian=big)
+    return fields, np.ascontiguousarray(rows[:, : width * step]).reshape(n, step)
 
 
 def _align(n: int, to: int = 4) -> int:
