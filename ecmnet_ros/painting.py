@@ -1,10 +1,10 @@
 """The segmenter node's point painting: PointCloud2 in, the same cloud with a ``label`` field out.
 
 Thin around :mod:`ecmnet_core.points`: clouds are read and written with ``sensor_msgs_py``
-(:mod:`ecmnet_ros.clouds`, after the core's checks), paired with label images by :class:`~ecmnet_core.points.painting.CloudMatcher` and painted by
-:func:`~ecmnet_core.points.painting.paint_points`. This module only does the ROS side: the subscription, the
-publishers, the LiDAR -> camera transform (TF when ``tf2_ros`` is importable, else the ``lidar_to_camera``
-parameter) and the counters for ``/diagnostics``.
+(:mod:`ecmnet_ros.clouds`, after the core's checks), paired with label images by
+:class:`~ecmnet_core.points.painting.CloudMatcher` and painted by :func:`~ecmnet_core.points.painting.paint_points`.
+This module only does the ROS side: the subscription, the publishers, the LiDAR -> camera transform (TF when
+``tf2_ros`` is importable, else the ``lidar_to_camera`` parameter) and the counters for ``/diagnostics``.
 """
 
 from __future__ import annotations
