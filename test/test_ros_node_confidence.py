@@ -63,3 +63,26 @@ def test_confidence_and_unknown_mask(segmenter_node, probe, image_msg):
     unknown = {kv.key: float(kv.value) for kv in matching(stamped, 12).status[0].values}["unknown"]
     assert unknown == pytest.approx(below.mean(), abs=1e-5)
     assert calls[-1] is True
+
+
+def test_shipped_model_on_a_camvid_frame_masks_what_it_is_unsure_of(segmenter_node, probe, image_msg, shared_dir):
+    """The issue's scenario: the packaged CamVid model, -p min_confidence:=0.9, one val frame."""
+    import cv2
+
+    frame = sorted((shared_dir / "camvid" / "val").glob("*.png"))[0]
+    image = cv2.imread(str(frame))
+    node = segmenter_node(model="", num_classes=11, input_size=[0, 0], checkpoint="", min_confidence=0.9)
+    labels = TopicCollector(probe, Image, "/segmenter/labels")
+    confidence = TopicCollector(probe, Image, "/segmenter/confidence")
+    pub = probe.create_publisher(Image, "/image", 10)
+    assert wait_for(lambda: connected(pub, node.streams[0].subscriptions[0], labels.subscription,
+                                      confidence.subscription) and node.streams[0].wants("confidence"), TIMEOUT)
+    out = send(pub, image_msg(image, "bgr8", 21, "camvid"), labels, 21)
+    assert wait_for(lambda: matching(confidence, 21), TIMEOUT)
+    conf = matching(confidence, 21)
+    assert conf.header == out.header and (conf.height, conf.width) == image.shape[:2] and conf.encoding == "mono8"
+    grey, lab = image_to_array(conf), labels_array(out)
+    masked = lab == UNLABELED
+    assert 0 < masked.sum() < masked.size
+    # 255 exactly where the confidence is below 0.9, up to one grey level of rounding around 229.5
+    assert np.all(grey[masked] <= 230) and np.all(grey[~masked] >= 229)
