@@ -68,17 +68,20 @@ class Workspace:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.domains: set[int] = set()  # where a ros2 verb may have started a daemon (stopped at the end)
 
     def argv(self, command: str) -> list[str]:
         return ["bash", "-c", f"source {self.root}/install/setup.bash && exec {command}"]
 
     def run(self, command: str, domain: int, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        self.domains.add(domain)
         return subprocess.run(self.argv(command), env=ros_env(domain), capture_output=True, text=True,
                               timeout=timeout)
 
     def start(self, command: str, domain: int, log: Path) -> subprocess.Popen:
         """A process in its own session (a Ctrl-C to the group reaches launch and the node, as in a terminal)."""
         handle = log.open("w")
+        self.domains.add(domain)
         return subprocess.Popen(self.argv(command), env=ros_env(domain), stdout=handle, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
@@ -93,6 +96,29 @@ class Workspace:
             time.sleep(0.5)
         raise AssertionError(f"`{command}` never gave the expected output within {timeout:g} s; last:\n{out}")
 
+
+    def daemons(self) -> dict[int, str]:
+        """pid -> command line of the ros2 daemons running in the domains this workspace used."""
+        out = subprocess.run(["pgrep", "-af", "ros2-daemon"], capture_output=True, text=True).stdout.splitlines()
+        return {int(line.split()[0]): line for line in out
+                if any(f"--ros-domain-id {d} " in line for d in self.domains)}
+
+    def stop_daemons(self) -> list[str]:
+        """Stop the daemons the ``ros2`` verbs started in this workspace's domains (``ros2 param``/``lifecycle``/
+        ``pkg`` start one when none runs): ``ros2 daemon stop``, then SIGTERM what did not exit. Returns the
+        command lines of any still alive, which should be none."""
+        for domain in sorted(self.domains):
+            self.run("ros2 daemon stop", domain, timeout=30)
+        deadline = time.monotonic() + 10.0
+        while self.daemons() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in self.daemons():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10.0
+        while self.daemons() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return list(self.daemons().values())
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 60.0) -> int:
     with contextlib.suppress(ProcessLookupError):
@@ -216,8 +242,10 @@ class Camera:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    return Workspace(colcon_build(tmp_path_factory.mktemp("colcon_ws")))
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
+    ws = Workspace(colcon_build(tmp_path_factory.mktemp("colcon_ws")))
+    yield ws
+    assert ws.stop_daemons() == [], "ros2 daemons left running"
 
 
 @pytest.fixture(scope="module")
