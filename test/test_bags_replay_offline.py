@@ -227,3 +227,21 @@ def test_bag_without_labels_reports_no_accuracy(tmp_path: Path, seg: Segmenter) 
     assert "accuracy not measured" in report.format_text()
     with BagReader(tmp_path / "bag") as reader, pytest.raises(BagError, match="no image frames"):
         replay_offline(reader, seg, start_offset=10.0)
+
+
+def test_min_confidence_replay_scores_the_kept_pixels_like_eval(labelled, tmp_path: Path) -> None:
+    """``replay --min-confidence``: unknown pixels (255) leave the scores and are counted, as eval's kept-pixel
+    figures count them."""
+    bag, samples, _ = labelled
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masked = Segmenter(InferenceConfig(model="baseline", num_classes=K, input_size=(32, 48), warmup=0,
+                                           min_confidence=0.4))
+    expected = evaluate_samples(masked, samples, info())["confidence"]
+    with BagReader(bag) as reader:
+        report = replay_offline(reader, masked)
+    summary = report.summary()
+    assert 0.0 < summary["accuracy"]["unknown_share"] < 1.0
+    assert summary["accuracy"]["unknown_share"] == pytest.approx(1.0 - expected["kept_share"], abs=1e-9)
+    assert int(report.confusion.matrix.sum()) == expected["kept"]["pixels"]
+    assert report.confusion.miou() == pytest.approx(expected["kept"]["miou"], abs=1e-6)

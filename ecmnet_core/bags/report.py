@@ -81,6 +81,9 @@ class ReplayReport:
         self.confusion = ConfusionMatrix(self.num_classes, ignore_index)
         self.skipped: dict[str, int] = {}
         self.unmatched_labels = 0
+        #: labelled pixels the segmenter marked unknown (255, below --min-confidence): left out of the scores
+        self.unknown_pixels = 0
+        self.labelled_pixels = 0
         self.extra: dict[str, Any] = {}
         self.points: Any = None  # offline point painting (PointsReplay: summary(), format_text())
 
@@ -98,7 +101,11 @@ class ReplayReport:
                 raise BagError(f"frame {record.name or record.index} (stamp {record.stamp_ns}): ground truth is "
                                f"{gt.shape[1]}x{gt.shape[0]} but the prediction is {pred.shape[1]}x{pred.shape[0]}")
             frame_cm = ConfusionMatrix(self.num_classes, self.ignore_index)
-            frame_cm.update(pred, gt)
+            labelled = (gt != self.ignore_index) & (gt < self.num_classes)
+            known = pred < self.num_classes
+            self.labelled_pixels += int(labelled.sum())
+            self.unknown_pixels += int((labelled & ~known).sum())
+            frame_cm.update(pred[known], gt[known])
             self.confusion.merge(frame_cm)
             record.iou = frame_cm.iou()
             record.miou = _num(frame_cm.miou())
@@ -138,6 +145,8 @@ class ReplayReport:
             "accuracy": {
                 **acc,
                 "ignore_index": self.ignore_index,
+                # labelled pixels marked unknown (--min-confidence): the scores count the others
+                "unknown_share": self.unknown_pixels / self.labelled_pixels if self.labelled_pixels else 0.0,
                 "per_frame_miou_mean": _num(np.mean(per_frame)) if per_frame else None,
             },
             "timing": {
