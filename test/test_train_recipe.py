@@ -167,3 +167,16 @@ def test_unseen_street_augmentations_keep_shapes_and_are_seeded():
     assert image.shape == (3, 24, 32) and lab.shape == (24, 32)
     again, _ = t(rng_image, label, np.random.default_rng(1))
     assert torch.equal(image, again)
+
+
+def test_every_checkpoint_temporary_of_the_run_goes_on_start_and_at_the_end(camvid, tmp_path):
+    """A kill during a save leaves ``.last.pt.*.tmp``; a quick restart (the file is seconds old) and the finished run
+    leave none behind."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".last.pt.abc123.tmp").write_bytes(b"")  # a kill right after mkstemp
+    trainer = Trainer(tiny(camvid, "train.epochs=1"), run, tensorboard=False, plots=False)
+    assert not list(run.glob(".*.tmp"))
+    (run / ".best.pt.def456.tmp").write_bytes(b"partial")  # as if a save of this run had been cut short
+    trainer.fit()
+    assert not list(run.glob(".*.tmp")) and (run / "last.pt").is_file()

@@ -115,7 +115,8 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         if self.env.is_main and self.run_dir.is_dir():
-            for tmp in remove_stale_temporaries(self.run_dir):  # left by a kill -9 during a save
+            # left by a kill during a save, however recent: this process owns the run folder now
+            for tmp in remove_stale_temporaries(self.run_dir, max_age_s=0.0):
                 print(f"removed stale temporary checkpoint {tmp}", file=sys.stderr)
         self.init_source: str | None = None
         self.continued_from: str | None = None  # a release whose schedule this run goes on with
@@ -484,6 +485,8 @@ class Trainer:
                 signal.signal(sig, handler)
             if logger is not None:
                 logger.close()
+            if env.is_main and self.run_dir.is_dir():
+                remove_stale_temporaries(self.run_dir, max_age_s=0.0)
         barrier(env)
         return TrainResult(self.run_dir, self.epoch, self.global_iter, self.best_miou, self.best_epoch,
                            _val_brief(self.last_val), time.perf_counter() - segment_start, stopped,
