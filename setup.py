@@ -3,7 +3,7 @@
 import sys
 from glob import glob
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 PACKAGE = "ecmnet_ros"
 
@@ -25,8 +25,12 @@ setup(
     description="ECMNet CNN-Mamba semantic segmentation: library, training CLI and ROS 2 node",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["ecmnet_core", "ecmnet_core.*", "ecmnet_ros", "ecmnet_ros.*"]),
-    package_data={"ecmnet_core": ["weights/*.pt", "configs/*.yaml", "ops/csrc/*.cpp", "ops/csrc/*.h"]},
+    # the data folders (configs, kernel sources, weights) are declared packages too, so setuptools installs them
+    # without its "Package would be ignored" warnings
+    packages=find_namespace_packages(include=["ecmnet_core", "ecmnet_core.*", "ecmnet_ros", "ecmnet_ros.*"],
+                                     exclude=["*.__pycache__"]),
+    package_data={"ecmnet_core.weights": ["*.pt"], "ecmnet_core.configs": ["*.yaml"],
+                  "ecmnet_core.ops.csrc": ["*.cpp", "*.h"]},
     include_package_data=True,
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
