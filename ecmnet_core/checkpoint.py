@@ -170,19 +170,34 @@ def load_checkpoint(path: str | os.PathLike | None = None, map_location: str | t
     ``expect_classes`` / ``expect_model`` make a mismatch an error that names the file and both values.
     """
     path = Path(path) if path else DEFAULT_CHECKPOINT
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         hint = " (the packaged default model is missing: reinstall ecmnet)" if path == DEFAULT_CHECKPOINT else ""
         raise CheckpointError(f"checkpoint {path} does not exist{hint}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or save?")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, zip errors
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    except Exception as exc:  # pickle errors, truncated files, zip errors, foreign pickles
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_load_failure(exc)}") from None
     ckpt = Checkpoint.from_dict(data, str(path))
     if expect_classes is not None and ckpt.num_classes != expect_classes:
         raise CheckpointError(f"checkpoint {path} has {ckpt.num_classes} classes, expected {expect_classes}")
     if expect_model is not None and ckpt.model_config.name != expect_model:
         raise CheckpointError(f"checkpoint {path} holds model {ckpt.model_config.name!r}, expected {expect_model!r}")
     return ckpt
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line on why ``torch.load`` failed, without PyTorch's advice to unpickle untrusted files."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        return "it holds Python objects other than tensors and plain values (not an ecmnet checkpoint)"
+    if any(k in text for k in ("Unsupported operand", "zip archive", "central directory", "invalid load key",
+                               "pickle", "weights_only", "WeightsUnpickler")):
+        return "not a PyTorch checkpoint file (truncated, or some other kind of file)"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_state_into(model: nn.Module, ckpt: Checkpoint, source: str = "checkpoint") -> None:

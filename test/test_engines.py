@@ -205,3 +205,33 @@ def test_cpu_trace_per_input_size_and_eager_fallback(monkeypatch) -> None:
     with pytest.warns(RuntimeWarning, match="running the model eagerly"):
         out = fresh.logits(x)
     torch.testing.assert_close(out, eager.logits(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unreadable_checkpoints_get_one_clear_line(tmp_path):
+    """Empty, random, foreign-pickle, truncated files and directories: one line naming the file and the reason,
+    never PyTorch's advice to load untrusted files with weights_only=False."""
+    import collections
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    torch.save(collections.OrderedDict(layer=torch.nn.Linear(2, 2)), tmp_path / "objects.pt")
+    (tmp_path / "truncated.pt").write_bytes(DEFAULT_CHECKPOINT.read_bytes()[:100_000])
+    (tmp_path / "folder.pt").mkdir()
+    expected = {"empty.pt": "is empty (0 bytes)", "random.pt": "not a PyTorch checkpoint file",
+                "objects.pt": "holds Python objects other than tensors", "truncated.pt": "not a PyTorch checkpoint",
+                "folder.pt": "is a directory, not a checkpoint file"}
+    for name, reason in expected.items():
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(tmp_path / name)
+        message = str(err.value)
+        assert str(tmp_path / name) in message and reason in message and "\n" not in message, message
+        assert "weights_only" not in message
+
+
+def test_an_unknown_model_is_an_error_before_any_random_weights_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RANDOM WEIGHTS warning would fail the test
+        with pytest.raises(ValueError, match="unknown model 'foo'"):
+            Segmenter(InferenceConfig(model="foo", device="cpu"))

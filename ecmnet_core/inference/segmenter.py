@@ -167,9 +167,10 @@ class Segmenter:
         if config.model:
             self.random_weights = True
             self.checkpoint_path = None
+            ckpt = random_checkpoint(config.model, config.num_classes)  # an unknown model fails here, unwarned
             warnings.warn(f"RANDOM WEIGHTS: no checkpoint given, model {config.model!r} is untrained and its "
                           "output is meaningless", stacklevel=3)
-            return random_checkpoint(config.model, config.num_classes)
+            return ckpt
         self.random_weights = False
         self.checkpoint_path = DEFAULT_CHECKPOINT
         return load_checkpoint(None)
