@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ecmnet_core.calibrate import ConfidenceEval
-from ecmnet_core.data import DatasetInfo, Sample, bgr_lut, load_raw, trainid_to_labelid, write_image
+from ecmnet_core.data import DataError, DatasetInfo, Sample, bgr_lut, load_raw, trainid_to_labelid, write_image
 from ecmnet_core.inference.pipeline import as_runner, predict_labels, runner_min_confidence
 from ecmnet_core.metrics import ConfusionMatrix
 
@@ -38,9 +38,14 @@ class _EvalItems(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[int, Tensor, np.ndarray | None, tuple[int, int]]:
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, np.ndarray | str | None, tuple[int, int]]:
+        """(index, tensor, label, size); a sample that cannot be decoded comes back as (index, None, reason, ())
+        so that one damaged file is skipped and counted instead of ending the evaluation."""
         index = self.indices[i]
-        image, label = load_raw(self.samples, index)
+        try:
+            image, label = load_raw(self.samples, index)
+        except DataError as exc:
+            return index, None, str(exc), ()
         return index, self.preprocess(image), label, image.shape[:2]
 
 
@@ -108,8 +113,16 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
     start = time.perf_counter()
     images = 0
+    skipped: list[dict[str, str]] = []  # damaged samples: reported, not scored
     try:
         for batch in loader:
+            for index, _, reason, _ in (b for b in batch if b[1] is None):
+                skipped.append({"sample": _stem(samples, index), "reason": reason})
+                print(f"eval: warning: skipped {reason}", file=sys.stderr)
+            batch = [b for b in batch if b[1] is not None]
+            images += len(batch)
+            if not batch:
+                continue
             logits: list[Tensor] | None = [] if conf_eval is not None else None
             preds = predict_labels(runner, [b[1] for b in batch], [b[3] for b in batch], min_confidence=0.0,
                                    logits_out=logits)
@@ -126,7 +139,6 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
                     if cityscapes_export is not None:
                         write_image(Path(cityscapes_export) / f"{stem}_gtFine_labelIds.png",
                                     trainid_to_labelid(labels))
-            images += len(batch)
             if bar is not None:
                 bar.update(len(batch))
     finally:
@@ -145,7 +157,8 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
             dist.all_reduce(counts)
         images = int(counts.item())
     summary = cm.summary(info.class_names)
-    summary.update(images=images, seconds=time.perf_counter() - start, confusion_matrix=cm.matrix.tolist())
+    summary.update(images=images, skipped=skipped, seconds=time.perf_counter() - start,
+                   confusion_matrix=cm.matrix.tolist())
     if conf_eval is not None:
         summary["confidence"] = conf_eval.summary(info.class_names)
     return summary
@@ -231,6 +244,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"-- tta {mode}")
         print(format_summary(results[mode], info.class_names))
         print(f"{results[mode]['images']} images in {results[mode]['seconds']:.1f} s (tta {mode})")
+        if results[mode]["skipped"]:
+            print(f"warning: {len(results[mode]['skipped'])} image(s) could not be decoded and were left out of the "
+                  "figures above (eval: warning lines on stderr name them)")
         if "confidence" in results[mode]:
             _report_confidence(results[mode]["confidence"], info.class_names, args)
     summary = results[modes[-1]]

@@ -53,20 +53,29 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def iter_frames(inputs: list[tuple[str, Path]]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(stem, BGR uint8 image)`` for every image and every video frame, in order."""
+def iter_frames(inputs: list[tuple[str, Path]], bad: list[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """``(stem, BGR uint8 image)`` for every image and every video frame, in order. An input that cannot be read
+    raises :class:`InputError`, or with ``bad`` (a list) is skipped and its reason appended there."""
     from ecmnet_core.data import DataError, read_image
+
+    def fail(message: str) -> None:
+        if bad is None:
+            raise InputError(message)
+        bad.append(message)
 
     for kind, path in inputs:
         if kind == "image":
             try:
-                yield path.stem, read_image(path)
+                image = read_image(path)
             except DataError as exc:
-                raise InputError(str(exc)) from exc
+                fail(str(exc))
+                continue
+            yield path.stem, image
             continue
         cap = cv2.VideoCapture(str(path))
         if not cap.isOpened():
-            raise InputError(f"video {path} cannot be opened (unsupported codec or not a video)")
+            fail(f"video {path} cannot be opened (unsupported codec or not a video)")
+            continue
         index = 0
         try:
             while True:
@@ -78,7 +87,7 @@ def iter_frames(inputs: list[tuple[str, Path]]) -> Iterator[tuple[str, np.ndarra
         finally:
             cap.release()
         if index == 0:
-            raise InputError(f"video {path} has no readable frames")
+            fail(f"video {path} has no readable frames")
 
 
 def _batches(frames: Iterator[tuple[str, np.ndarray]], size: int) -> Iterator[list[tuple[str, np.ndarray]]]:
@@ -143,9 +152,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint {desc['checkpoint']} ({desc['checkpoint_hash']}), model {desc['model']}, "
           f"input {desc['input_size']}, device {desc['device']}, {len(inputs)} input(s) -> {out}", file=sys.stderr)
     used: set[str] = set()
+    bad: list[str] = []
     count, start = 0, time.perf_counter()
     try:
-        for batch in _batches(iter_frames(inputs), batch_size):
+        for batch in _batches(_reporting(iter_frames(inputs, bad), bad), batch_size):
             probs: list[np.ndarray] | None = [] if args.save_confidence else None
             labels = segment_images(segmenter, [image for _, image in batch], confidence=probs)
             for i, ((stem, image), lab) in enumerate(zip(batch, labels)):
@@ -162,4 +172,19 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(f"{count} image(s) segmented in {elapsed:.1f} s ({1000 * elapsed / max(count, 1):.0f} ms each), "
           f"written to {out}")
+    if bad:
+        print(f"predict: {len(bad)} input(s) could not be read and were skipped (listed above)", file=sys.stderr)
+        return 2  # bad input, as for every command
     return 0
+
+
+def _reporting(frames: Iterator[tuple[str, np.ndarray]], bad: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Pass ``frames`` through, printing each newly skipped input's reason as it happens."""
+    seen = 0
+    for item in frames:
+        for message in bad[seen:]:
+            print(f"predict: skipped: {message}", file=sys.stderr)
+        seen = len(bad)
+        yield item
+    for message in bad[seen:]:
+        print(f"predict: skipped: {message}", file=sys.stderr)

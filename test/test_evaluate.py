@@ -133,3 +133,20 @@ def test_cityscapes_export_writes_official_label_ids(tmp_path, capsys):
     seg = Segmenter(InferenceConfig(checkpoint=str(ckpt), device="cpu", warmup=0))
     train_ids = segment_images(seg, [load_raw(samples, 0)[0]])[0]
     np.testing.assert_array_equal(exported, CITYSCAPES_TRAINID_TO_ID[train_ids])
+
+
+def test_a_truncated_png_is_skipped_and_named_and_the_rest_evaluated(tmp_path, capsys):
+    """A PNG with an intact header and cut data passes the up-front check; evaluation skips it with a warning that
+    names the file, counts it, and finishes with the figures of the other images (exit 0)."""
+    root = make_camvid(tmp_path / "camvid", n_train=1, n_val=3)
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    victim = sorted((root / "val").glob("*.png"))[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    out = tmp_path / "e.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(root), "--workers", "0", "--no-progress",
+                 "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert victim.name in captured.err and "Traceback" not in captured.err
+    assert "1 image(s) could not be decoded" in captured.out
+    summary = json.loads(out.read_text())
+    assert summary["images"] == 2 and len(summary["skipped"]) == 1 and victim.stem in summary["skipped"][0]["sample"]

@@ -78,3 +78,16 @@ def test_bad_inputs_are_reported(inputs, tmp_path, capsys):
     assert "broken.png cannot be decoded" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "notes.txt"), *base, "--alpha", "2"]) == 2
     assert "--alpha must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_a_truncated_image_listed_first_is_skipped_and_the_rest_segmented(inputs, tmp_path, capsys):
+    folder, _, ckpt = inputs
+    good = sorted(folder.glob("*.png"))[:2]
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good[0].read_bytes()[: good[0].stat().st_size // 2])  # header intact, data cut
+    out = tmp_path / "out"
+    assert main(["predict", str(truncated), *map(str, good), "--out", str(out), "--checkpoint", str(ckpt),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "skipped" in err and "truncated.png" in err and "1 input(s) could not be read" in err
+    assert sorted(p.name for p in out.glob("*_labels.png")) == [f"{g.stem}_labels.png" for g in good]
