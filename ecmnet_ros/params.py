@@ -13,6 +13,7 @@ helper, the YAML documentation test and the node all read the same defaults with
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from ecmnet_core.points.painting import rigid_transform
 LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
 #: rcl_interfaces/ParameterType values (kept here so this module does not need rclpy).
 BOOL, INTEGER, DOUBLE, STRING, INTEGER_ARRAY, DOUBLE_ARRAY, STRING_ARRAY = 1, 2, 3, 4, 7, 8, 9
+#: The largest network input side the node accepts (a typo like 100000 would try to allocate tens of GiB).
+MAX_INPUT_SIDE = 8192
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -191,8 +194,9 @@ def validate(name: str, value: Any, class_names: list[str] | None = None) -> str
     if name == "input_size" and value is not None:
         size = list(value)
         if len(size) != 2 or any(v < 0 for v in size) or (0 in size and size != [0, 0]) \
-                or (size != [0, 0] and min(size) < 16):
-            return f"parameter 'input_size': {size} must be [H, W] with H, W >= 16, or [0, 0] for native size"
+                or (size != [0, 0] and min(size) < 16) or max(size, default=0) > MAX_INPUT_SIDE:
+            return (f"parameter 'input_size': {size} must be [H, W] with 16 <= H, W <= {MAX_INPUT_SIDE}, or [0, 0] "
+                    "for native size")
     if name == "image_topics" and value is not None:
         topics = [str(t) for t in value]
         if any(not t.strip() for t in topics) or len(set(topics)) != len(topics):
@@ -202,6 +206,8 @@ def validate(name: str, value: Any, class_names: list[str] | None = None) -> str
         if unknown:
             return f"parameter {name!r}: unknown class(es) {unknown}; the model has {class_names}"
     if name == "lidar_to_camera" and value is not None:
+        if not all(math.isfinite(v) for v in value):
+            return f"parameter 'lidar_to_camera': {list(value)} holds NaN or infinite values"
         try:
             rigid_transform(list(value))
         except ValueError as exc:

@@ -229,3 +229,55 @@ def set_read_only_parameter(node: Node, name: str, value: list[str], description
         # read-only for users; a reconfigure with another model updates it (rclpy skips the read-only check
         # when descriptors are passed, and still publishes the parameter event)
         node._set_parameters_atomically_common([Parameter(name, value=value)], {name: desc})
+
+
+#: Parameters every rclpy node has; not to be reported as unknown.
+ROS_NODE_PARAMETERS = ("use_sim_time", "start_type_description_service")
+
+
+def declare_parameters(node: Node, specs: Any, validate: Callable[[str, Any], str | None]) -> None:
+    """Declare ``specs`` (:class:`ecmnet_ros.params.ParamSpec`) on ``node`` and check their start-up values with
+    ``validate`` as a later ``ros2 param set`` would be checked (rclpy applies only the descriptor's type and range
+    to start-up values): :class:`InvalidParameterValueException` names the first bad one. Start-up values for
+    parameters the node does not have (a misspelt key in a params file) are warned about, with the closest name."""
+    import difflib
+
+    from rclpy.exceptions import InvalidParameterValueException
+    from rclpy.parameter import Parameter
+
+    names = [spec.name for spec in specs]
+    for spec in specs:
+        value = spec.default if spec.default is not None else Parameter.Type(spec.type)
+        node.declare_parameter(spec.name, value, parameter_descriptor(spec))
+    for name in names:
+        value = node.get_parameter_or(name).value
+        reason = validate(name, value)
+        if reason:
+            raise InvalidParameterValueException(name, value, reason)
+    for name in sorted(getattr(node, "_parameter_overrides", {})):
+        if name in names or name in ROS_NODE_PARAMETERS or name.startswith("qos_overrides."):
+            continue
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        node.get_logger().warning(f"parameter {name!r} is not a parameter of this node and is ignored{hint}")
+
+
+def startup_error(exc: BaseException) -> str:
+    """One line for a start-up failure that names the parameter, the value and what is allowed; or what is wrong
+    with a params file (rcl's message without its C source locations)."""
+    import re
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    m = re.match(r"Invalid parameter value \((.*)\) for parameter\. Reason: (.*): (\S+)$", text)
+    if m:
+        value, reason, name = m.groups()
+        rng = re.search(r"out of range\.? Min: (.*), Max: (.*), value: ", reason)
+        if rng:
+            return f"parameter {name!r}: {value} is out of range [{rng.group(1)}, {rng.group(2)}]"
+        return reason if reason.startswith(f"parameter {name!r}") else f"parameter {name!r}: {value}: {reason}"
+    m = re.match(r"Trying to set parameter '(.*)' to '(.*)' of type '(.*)', expecting type '(.*)'", text)
+    if m:
+        name, value, got, expected = m.groups()
+        hint = f" (write {value}.0)" if got == "INTEGER" and expected == "DOUBLE" else ""
+        return f"parameter {name!r}: {value!r} is {got.lower()}, expected {expected.lower()}{hint}"
+    return re.sub(r",? at /[^,]*\.c:\d+", "", text).replace("failed to initialize rcl: ", "")

@@ -28,7 +28,9 @@ import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.exceptions import ParameterException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -57,9 +59,10 @@ from ecmnet_ros.params import (
 from ecmnet_ros.runtime import (
     ShutdownRequested,
     Spinner,
-    parameter_descriptor,
+    declare_parameters,
     set_read_only_parameter,
     stamp_ns,
+    startup_error,
     stop_on_signals,
 )
 from ecmnet_ros.stats import LatestSlot
@@ -97,9 +100,7 @@ class SegmenterNode(LifecycleNode):
         self.codec = ImageCodec()
         self._stopping = False
         super().__init__(node_name, **kwargs)
-        for spec in PARAMS:
-            value = spec.default if spec.default is not None else Parameter.Type(spec.type)
-            self.declare_parameter(spec.name, value, parameter_descriptor(spec))
+        declare_parameters(self, PARAMS, validate)  # start-up values checked like later ones
         self._live = LiveSettings.from_values(self.parameter_values())
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
@@ -433,11 +434,16 @@ def main(args: list[str] | None = None) -> int:
     """
     # fewer malloc heaps for the many DDS/executor/OpenMP threads to fragment (python -m ecmnet_ros.bench_memory)
     limit_arenas(4)
-    rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+        node = SegmenterNode()
+    except (RCLError, ParameterException) as exc:  # a bad params file, value or type: one line, exit 2
+        print(f"segmenter: {startup_error(exc)}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
     stop, interruptible = threading.Event(), threading.Event()
     code = 0
     with stop_on_signals(stop, interruptible) as received:
-        node = SegmenterNode()
         node.shutdown_requested = stop
         spinner = Spinner(num_threads=4)
         spinner.add(node)
