@@ -17,7 +17,6 @@ from rclpy.parameter import Parameter  # noqa: E402
 from ecmnet_ros.runtime import startup_error  # noqa: E402
 
 
-
 def start(*ros_args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ecmnet_ros.segmenter", "--ros-args", "-p", "model:=baseline",
                            "-p", "num_classes:=4", *ros_args], capture_output=True, text=True, timeout=120)
