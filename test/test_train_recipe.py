@@ -180,3 +180,48 @@ def test_every_checkpoint_temporary_of_the_run_goes_on_start_and_at_the_end(camv
     (run / ".best.pt.def456.tmp").write_bytes(b"partial")  # as if a save of this run had been cut short
     trainer.fit()
     assert not list(run.glob(".*.tmp")) and (run / "last.pt").is_file()
+
+
+def test_max_iters_stops_without_shrinking_the_schedule_and_the_run_goes_on(camvid, tmp_path):
+    """--max-iters 4 of a 12-iteration schedule (3 per epoch) stops inside epoch 2; log.csv keeps epoch 1, and
+    the continued run (--max-iters 8, then none) follows the same schedule to the end."""
+    run = tmp_path / "run"
+    first = Trainer(tiny(camvid, "train.max_iters=4", "train.val_every=1"), run, tensorboard=False, plots=False)
+    assert first.total_iters == 12 and first.stop_at == 4
+    result = first.fit()
+    assert result.stopped == "max_iters" and result.iterations == 4 and result.epochs_done == 1
+    assert [r.split(",")[0] for r in (run / "log.csv").read_text().splitlines()[1:]] == ["1"]
+    second = Trainer(tiny(camvid, "train.max_iters=8", "train.val_every=1"), run, resume="auto", tensorboard=False,
+                     plots=False)
+    assert second.global_iter == 4
+    assert second.optimizer.param_groups[0]["lr"] == pytest.approx(second.config.optim.lr *
+                                                                   second.scheduler.factor(4))
+    second.fit()
+    assert [r.split(",")[0] for r in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2"]
+    third = Trainer(tiny(camvid, "train.val_every=1"), run, resume="auto", tensorboard=False, plots=False)
+    assert third.fit().stopped == "done" and third.global_iter == 12
+    assert [r.split(",")[0] for r in (run / "log.csv").read_text().splitlines()[1:]] == ["1", "2", "3", "4"]
+
+
+def test_val_every_zero_never_validates(camvid, tmp_path):
+    trainer = Trainer(tiny(camvid, "train.val_every=0", "train.epochs=1"), tmp_path / "r", tensorboard=False,
+                      plots=False)
+    trainer.validate = None  # would fail if called
+    assert trainer.fit().stopped == "done" and not (tmp_path / "r" / "best.pt").exists()
+
+
+def test_cli_refused_or_failed_runs_leave_their_folders_as_they_were(camvid, tmp_path, capsys):
+    from ecmnet_core.cli import main
+
+    base = ["train", "--config", "camvid", "--data", str(camvid), "--model", "baseline", "--crop", "32", "48",
+            "--batch-size", "2", "--workers", "0", "--no-progress", "--no-tensorboard", "--no-plots", "--no-amp",
+            "--set", "data.scale_range=[0.75, 1.25]", "--set", "schedule.warmup_iters=1"]
+    run = tmp_path / "run"
+    assert main([*base, "--out", str(run), "--epochs", "2", "--max-iters", "2", "--resume", "auto"]) == 0
+    config = (run / "config.yaml").read_text()
+    assert main([*base, "--out", str(run), "--epochs", "5", "--resume", "auto"]) == 2
+    assert "start a new run folder (--out) from these weights (--init" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == config  # the refused attempt did not rewrite it
+    missing = tmp_path / "never"
+    assert main([*base, "--out", str(missing), "--data", str(tmp_path / "no_such_data")]) == 2
+    assert not missing.exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,13 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-scale", type=float, default=None,
                         help="validate on images resized by this factor; labels stay full size")
     parser.add_argument("--workers", type=int, default=None, help="data-loading worker processes")
-    parser.add_argument("--val-every", type=int, default=None, help="validate every N epochs (and at the end)")
+    parser.add_argument("--val-every", type=int, default=None,
+                        help="validate every N epochs (and at the end); 0: never (smoke runs)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision (CUDA only)")
     parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (0: off)")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--max-iters", type=int, default=None, help="stop after N iterations (smoke runs)")
+    parser.add_argument("--max-iters", type=int, default=None,
+                        help="stop at iteration N (smoke runs); the schedule is the full one, so --resume auto "
+                             "with a larger N (or none) goes on")
     parser.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                         help="SyncBatchNorm across processes (DDP)")
     parser.add_argument("--checkpoint-every", type=int, default=None,
@@ -138,11 +142,16 @@ def run(args: argparse.Namespace) -> int:
             from ecmnet_core.train.distributed import broadcast_object
 
             run_dir = Path(broadcast_object(str(default_run_dir(args.config, config.model.name)), env))
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        created = not run_dir.exists()
+        try:
+            trainer = Trainer(config, run_dir, env, resume=args.resume, tensorboard=not args.no_tensorboard,
+                              plots=not args.no_plots)
+        except BaseException:
+            if created and env.is_main:  # a run that never started leaves no folder behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        if env.is_main:  # written once the recipe is accepted: a refused resume keeps the run's own config.yaml
             (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        trainer = Trainer(config, run_dir, env, resume=args.resume, tensorboard=not args.no_tensorboard,
-                          plots=not args.no_plots)
         if trainer.path.keep_freed_memory:
             # process-wide, so here and not in the library's Trainer: this process only trains
             keep_freed_memory()

@@ -98,12 +98,12 @@ class Trainer:
         c, d = config.train, config.data
         if not d.root:
             raise ValueError("training needs a dataset: set data.root (--data ROOT)")
-        for name, value in (("train.epochs", c.epochs), ("data.batch_size", d.batch_size),
-                            ("train.val_every", c.val_every)):
+        for name, value in (("train.epochs", c.epochs), ("data.batch_size", d.batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if d.workers < 0 or c.max_iters < 0 or c.checkpoint_every < 0 or c.grad_clip < 0:
-            raise ValueError("data.workers, train.max_iters, train.checkpoint_every and train.grad_clip must be >= 0")
+        if d.workers < 0 or c.max_iters < 0 or c.checkpoint_every < 0 or c.grad_clip < 0 or c.val_every < 0:
+            raise ValueError("data.workers, train.max_iters, train.checkpoint_every, train.grad_clip and "
+                             "train.val_every must be >= 0")
         self.amp = bool(c.amp)
         if self.amp and self.device.type != "cuda":
             warnings.warn("train.amp needs CUDA; training in fp32 on the CPU", stacklevel=2)
@@ -168,8 +168,11 @@ class Trainer:
         if self.iters_per_epoch < 1:
             raise ValueError(f"data.batch_size {d.batch_size} x {env.world_size} process(es) is larger than the "
                              f"{len(self.train_set)} training images of {d.root} ({d.train_split})")
-        total = self.config.train.epochs * self.iters_per_epoch
-        self.total_iters = min(total, self.config.train.max_iters) if self.config.train.max_iters else total
+        #: the schedule's length; ``train.max_iters`` stops the run earlier without changing it, so a smoke run can
+        #: be continued (``--resume auto`` with a larger --max-iters or none)
+        self.total_iters = self.config.train.epochs * self.iters_per_epoch
+        max_iters = self.config.train.max_iters
+        self.stop_at = min(self.total_iters, max_iters) if max_iters else self.total_iters
         self.input_size = self._network_size()
 
     def _class_weights(self) -> list[float] | None:
@@ -325,7 +328,9 @@ class Trainer:
             raise CheckpointError(f"{path}: optimiser/scheduler state does not fit this recipe: {exc}") from exc
         if state.get("total_iters") != self.total_iters:
             raise CheckpointError(f"{path}: it was trained for {state.get('total_iters')} total iterations, this "
-                                  f"recipe has {self.total_iters} (epochs, batch size, dataset or max_iters changed)")
+                                  f"recipe has {self.total_iters} (epochs, batch size or dataset changed); to train "
+                                  f"on with another schedule, start a new run folder (--out) from these weights "
+                                  f"(--init {path})")
         if state.get("world_size", 1) != self.env.world_size:
             warnings.warn(f"{path} was written by {state.get('world_size')} process(es), resuming with "
                           f"{self.env.world_size}: the data order will differ from an uninterrupted run",
@@ -474,9 +479,9 @@ class Trainer:
         try:
             if env.is_main:
                 self._print_header()
-            while self.epoch < c.epochs and self.global_iter < self.total_iters:
+            while self.epoch < c.epochs and self.global_iter < self.stop_at:
                 stopped = self._run_epoch(logger)
-                if stopped == "signal":
+                if stopped in ("signal", "max_iters"):
                     break
             else:
                 stopped = "max_iters" if self.epoch < c.epochs else "done"
@@ -512,6 +517,9 @@ class Trainer:
               f"device {self.device}, amp {self.amp}, path {self.path.name}, "
               f"scan backend {self.model.scan_backend(self.device)}, "
               f"run dir {self.run_dir}{resumed}", file=sys.stderr)
+        if self.stop_at < self.total_iters:
+            print(f"  stopping at iteration {self.stop_at} (--max-iters; the schedule runs to {self.total_iters})",
+                  file=sys.stderr)
         if self.stages:
             plan = ", ".join(f"{n} epochs at x{f:g} (crop {round(d.crop[0] * f)}x{round(d.crop[1] * f)})"
                              for n, f in self.stages)
@@ -535,7 +543,7 @@ class Trainer:
                        mininterval=1.0 if sys.stderr.isatty() else 30.0)
         stopped = ""
         batches = iter(loader)
-        while self.global_iter < self.total_iters:
+        while self.global_iter < self.stop_at:
             try:
                 images, labels = next(batches)
             except StopIteration:
@@ -569,7 +577,9 @@ class Trainer:
         if stopped == "signal":
             self._save_mid_epoch(epoch_start)
             return "signal"
-        if self.iter_in_epoch < self.iters_per_epoch and self.global_iter < self.total_iters:
+        if self.iter_in_epoch < self.iters_per_epoch and self.global_iter >= self.stop_at:
+            return self._stop_mid_epoch(epoch_start)
+        if self.iter_in_epoch < self.iters_per_epoch:
             raise TrainingError(f"the data loader stopped after {self.iter_in_epoch} of {self.iters_per_epoch} "
                                 f"iterations of epoch {self.epoch + 1}")
         return self._end_epoch(logger, epoch_start)
@@ -613,19 +623,31 @@ class Trainer:
         # single process: honour a signal right after this step; DDP: all ranks agree on it with the flags
         return float(loss.detach()), stop or (not env.distributed and self._stop_signal is not None)
 
+    def _stop_mid_epoch(self, epoch_start: float) -> str:
+        """``train.max_iters`` reached inside an epoch: save ``last.pt`` there (the epoch goes on when the run is
+        continued) and validate for the smoke run's figure; no epoch row is logged for the unfinished epoch."""
+        self._save_mid_epoch(epoch_start)
+        if self.config.train.val_every:
+            self.last_val = self.validate()
+            if self.env.is_main:
+                print(f"stopped at --max-iters {self.stop_at} (epoch {self.epoch + 1} unfinished): val mIoU "
+                      f"{100 * _nan(self.last_val['miou']):.2f}%", file=sys.stderr)
+        return "max_iters"
+
     def _end_epoch(self, logger: RunLogger | None, epoch_start: float) -> str:
-        """The epoch (or the whole max_iters budget) is done: validate when due, save, log."""
+        """The epoch is done: validate when due (every ``val_every`` epochs, at the end and at a --max-iters stop;
+        never with ``val_every`` 0), save, log."""
         c, env = self.config.train, self.env
         self.epoch_time += time.perf_counter() - epoch_start
         self.wall_time += time.perf_counter() - epoch_start
         finished = self.iter_in_epoch >= self.iters_per_epoch
         if finished:
             self.epoch += 1
-        last = self.epoch >= c.epochs or self.global_iter >= self.total_iters
+        last = self.epoch >= c.epochs or self.global_iter >= self.stop_at
         record = EpochRecord(epoch=self.epoch if finished else self.epoch + 1, iters=self.global_iter,
                              lr=self.optimizer.param_groups[0]["lr"],
                              train_loss=self._mean_epoch_loss(), epoch_time=self.epoch_time)
-        if last or (finished and self.epoch % c.val_every == 0):
+        if c.val_every and (last or (finished and self.epoch % c.val_every == 0)):
             val_start = time.perf_counter()
             self.last_val = self.validate()
             self.wall_time += time.perf_counter() - val_start
