@@ -124,3 +124,20 @@ def points_status(name: str, painter: PointPainter, hardware_id: str, active: bo
     if s.errors.total:
         message += f"; {s.errors.total} bad clouds or painting errors"
     return make_status(f"{name}: {painter.topic}", level, message, hardware_id, values)
+
+
+#: Seconds after activation without a frame before the console says so (once per camera).
+NO_INPUT_NOTICE_S = 5.0
+
+
+def warn_if_no_input(node: Any, streams: list[Stream], active_since: float, now: float) -> None:
+    """Tell the console once per camera that no frame arrived since activation, with the topic's publisher count
+    (not only ``/diagnostics``, which a first-time user does not watch)."""
+    if now - active_since < NO_INPUT_NOTICE_S:
+        return
+    for stream in streams:
+        if stream.slot.received == 0 and not stream.no_input_noticed:
+            stream.no_input_noticed = True
+            node.get_logger().warning(
+                f"no frames on {stream.name} after {now - active_since:.0f} s ({node.count_publishers(stream.name)} "
+                "publisher(s)); check the topic name, remapping and QoS")

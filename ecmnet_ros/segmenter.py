@@ -166,7 +166,9 @@ class SegmenterNode(LifecycleNode):
                 log.info("configure interrupted: shutting down")
                 return TransitionCallbackReturn.FAILURE
             self._last_error = f"configure failed: {exc}"
-            log.error(self._last_error)
+            log.error(f"{self._last_error}; the node stays unconfigured: set the parameter (ros2 param set "
+                      f"{self.get_fully_qualified_name()} NAME VALUE), then ros2 lifecycle set "
+                      f"{self.get_fully_qualified_name()} configure")
             return TransitionCallbackReturn.FAILURE
         self.segmenter = segmenter
         self._last_error = ""
@@ -224,7 +226,7 @@ class SegmenterNode(LifecycleNode):
         if self.painter is not None:
             self.painter.activate()
         self._start_worker()
-        self._active = True
+        self._active, self._active_since = True, time.monotonic()
         inputs = ", ".join(s.name for s in self.streams)
         self.get_logger().info(f"active: segmenting {inputs}")
         return super().on_activate(state)
@@ -420,6 +422,8 @@ class SegmenterNode(LifecycleNode):
         return DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()), status=statuses)
 
     def publish_diagnostics(self) -> None:
+        if self._active:
+            diag.warn_if_no_input(self, self.streams, self._active_since, time.monotonic())
         try:
             self._diagnostics_pub.publish(self.diagnostics())
         except Exception as exc:  # e.g. a lifecycle transition swapping the streams mid-way: skip this tick

@@ -36,6 +36,7 @@ class Stream:
     processed: int = 0
     last_output: float = 0.0
     unknown_share: float = 0.0  # of the last frame: pixels below min_confidence
+    no_input_noticed: bool = False  # the console was told once that no frame arrived
 
     def wants(self, name: str) -> bool:
         """True when the (lazy) output ``name`` has at least one subscriber."""

@@ -68,3 +68,30 @@ def test_a_misspelt_key_is_warned_about_with_the_closest_name(ros_context, capfd
                "'overlay_alpha'?" in err
     finally:
         node.destroy_node()
+
+
+def test_a_failed_configure_says_how_to_recover(segmenter_node, capfd):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA (device: cuda must fail)")
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    node = segmenter_node(autostart=False, device="cuda")
+    assert node.trigger_configure() != TransitionCallbackReturn.SUCCESS
+    err = capfd.readouterr().err
+    assert "configure failed" in err and "ros2 param set /segmenter NAME VALUE" in err
+    assert "ros2 lifecycle set /segmenter configure" in err
+
+
+def test_no_frames_is_said_once_on_the_console(segmenter_node, capfd):
+    from ecmnet_ros import diagnostics as diag
+
+    node = segmenter_node()
+    capfd.readouterr()
+    diag.warn_if_no_input(node, node.streams, active_since=100.0, now=101.0)  # too early to say anything
+    assert "no frames on" not in capfd.readouterr().err
+    diag.warn_if_no_input(node, node.streams, active_since=100.0, now=106.0)
+    diag.warn_if_no_input(node, node.streams, active_since=100.0, now=107.0)
+    err = capfd.readouterr().err
+    assert err.count("no frames on /image after 6 s (0 publisher(s))") == 1
