@@ -219,11 +219,20 @@ def compressed_dimensions(data: bytes | memoryview) -> tuple[int, int] | None:
     return None
 
 
+#: How the image streams cv2 decodes begin (JPEG, PNG, BMP, TIFF both byte orders; WebP is RIFF....WEBP).
+_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
 def check_compressed(msg: Any, max_pixels: int | None = None) -> tuple[int, int] | None:
     """Validate a ``CompressedImage`` cheaply: non-empty payload, size within ``max_pixels`` when readable."""
     if _buffer_len(msg.data) == 0:
         raise ImageConversionError("size", f"empty CompressedImage (format {msg.format!r})")
-    dims = compressed_dimensions(memoryview(np.frombuffer(msg.data, np.uint8)))
+    view = memoryview(np.frombuffer(msg.data, np.uint8))
+    dims = compressed_dimensions(view)
+    if dims is None and not bytes(view[:12]).startswith(_IMAGE_MAGIC) and bytes(view[8:12]) != b"WEBP":
+        # rejected here, on arrival, so that garbage is counted as bad and not as a stale frame the slot dropped
+        raise ImageConversionError("decode", f"CompressedImage (format {msg.format!r}, {_buffer_len(msg.data)} "
+                                             "bytes) is not an image stream: no JPEG, PNG, BMP, TIFF or WebP header")
     if dims is not None:
         height, width = dims
         if height == 0 or width == 0:

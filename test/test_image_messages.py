@@ -245,3 +245,16 @@ def test_array_to_image_checks_encoding_against_the_array():
         array_to_image(np.zeros((0, 4), np.uint8), msg_type=lambda **kw: SimpleNamespace(**kw))
     msg = array_to_image(BGR[..., 0].astype(np.uint16), msg_type=lambda **kw: SimpleNamespace(**kw))
     assert msg.encoding == "mono16" and msg.step == 20
+
+
+def test_compressed_garbage_is_rejected_on_arrival_as_undecodable():
+    """No image header at all: refused by the cheap check (so the node counts it as bad on arrival instead of
+    slotting it and counting it as a stale drop when the next frame replaces it)."""
+    from ecmnet_core.image_messages import check_compressed
+
+    garbage = SimpleNamespace(format="jpeg", data=bytes(range(7, 107)))
+    with pytest.raises(ImageConversionError) as err:
+        check_compressed(garbage)
+    assert err.value.kind == "decode" and "not an image stream" in str(err.value)
+    for good in (array_to_compressed(BGR, "jpeg"), array_to_compressed(BGR, "png")):
+        assert check_compressed(good) == BGR.shape[:2]
