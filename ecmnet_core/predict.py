@@ -153,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
           f"input {desc['input_size']}, device {desc['device']}, {len(inputs)} input(s) -> {out}", file=sys.stderr)
     used: set[str] = set()
     bad: list[str] = []
-    count, start = 0, time.perf_counter()
+    count, start, first_s = 0, time.perf_counter(), 0.0
+    progress = _Progress(len(inputs))
     try:
         for batch in _batches(_reporting(iter_frames(inputs, bad), bad), batch_size):
             probs: list[np.ndarray] | None = [] if args.save_confidence else None
@@ -165,17 +166,49 @@ def run(args: argparse.Namespace) -> int:
                     write_image(out / f"{name}_confidence.png", confidence_image(probs[i]))
                 write_image(out / f"{name}_color.png", segmenter.colorize(lab))
                 write_image(out / f"{name}_overlay.png", segmenter.overlay(image, lab, args.alpha))
+            if count == 0:  # the first batch also traces and warms the model up: timed on its own
+                first_s, start = time.perf_counter() - start, time.perf_counter()
             count += len(batch)
+            progress.update(count)
     except (InputError, OSError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 2
+    progress.close()
     elapsed = time.perf_counter() - start
-    print(f"{count} image(s) segmented in {elapsed:.1f} s ({1000 * elapsed / max(count, 1):.0f} ms each), "
+    steady = count - min(count, batch_size)
+    rate = f"{1000 * elapsed / steady:.0f} ms each after the first" if steady else "one batch only"
+    print(f"{count} image(s) segmented ({rate}; the first batch, with the model's warm-up, took {first_s:.1f} s), "
           f"written to {out}")
     if bad:
         print(f"predict: {len(bad)} input(s) could not be read and were skipped (listed above)", file=sys.stderr)
         return 2  # bad input, as for every command
     return 0
+
+
+class _Progress:
+    """A bar on a terminal; otherwise a line every 10 s, so a redirected long run still shows it is going on."""
+
+    def __init__(self, inputs: int) -> None:
+        self.bar = None
+        self.last = time.monotonic()
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="predict", unit="img", file=sys.stderr, leave=False)
+        self.inputs = inputs
+
+    def update(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.n = count
+            self.bar.refresh()
+        elif time.monotonic() - self.last >= 10.0:
+            self.last = time.monotonic()
+            print(f"predict: {count} image(s) segmented so far ({self.inputs} input file(s))", file=sys.stderr,
+                  flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _reporting(frames: Iterator[tuple[str, np.ndarray]], bad: list[str]) -> Iterator[tuple[str, np.ndarray]]:
