@@ -132,13 +132,7 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
                     if conf_eval is not None:
                         conf_eval.update(logits[j], pred, label)
                 if dirs:
-                    labels = pred.to(torch.uint8).cpu().numpy()
-                    stem = _stem(samples, index)
-                    if save_color is not None:
-                        write_image(Path(save_color) / f"{stem}.png", colours[labels])
-                    if cityscapes_export is not None:
-                        write_image(Path(cityscapes_export) / f"{stem}_gtFine_labelIds.png",
-                                    trainid_to_labelid(labels))
+                    _write_prediction(pred, _stem(samples, index), colours, save_color, cityscapes_export)
             if bar is not None:
                 bar.update(len(batch))
     finally:
@@ -148,20 +142,33 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
             model.train()
     if world_size > 1:
         cm.all_reduce()
-        counts = torch.tensor([images])
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            if dist.get_backend() == "nccl":
-                counts = counts.cuda()
-            dist.all_reduce(counts)
-        images = int(counts.item())
+        images = _all_reduce_count(images)
     summary = cm.summary(info.class_names)
     summary.update(images=images, skipped=skipped, seconds=time.perf_counter() - start,
                    confusion_matrix=cm.matrix.tolist())
     if conf_eval is not None:
         summary["confidence"] = conf_eval.summary(info.class_names)
     return summary
+
+
+def _write_prediction(pred: Tensor, stem: str, colours: np.ndarray, save_color: str | Path | None,
+                      cityscapes_export: str | Path | None) -> None:
+    labels = pred.to(torch.uint8).cpu().numpy()
+    if save_color is not None:
+        write_image(Path(save_color) / f"{stem}.png", colours[labels])
+    if cityscapes_export is not None:
+        write_image(Path(cityscapes_export) / f"{stem}_gtFine_labelIds.png", trainid_to_labelid(labels))
+
+
+def _all_reduce_count(count: int) -> int:
+    import torch.distributed as dist
+
+    counts = torch.tensor([count])
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            counts = counts.cuda()
+        dist.all_reduce(counts)
+    return int(counts.item())
 
 
 def format_summary(summary: dict[str, Any], class_names: Sequence[str]) -> str:
