@@ -90,3 +90,15 @@ def test_overrides_are_typed_and_unknown_keys_fail(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_train_help_names_every_shipped_recipe_and_scan_backend(capsys):
+    from ecmnet_core.cli import main
+    from ecmnet_core.ops.selective_scan import BACKENDS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("camvid", "camvid_cpu", "camvid_long", "cityscapes", *BACKENDS):
+        assert name in text, name
+    assert "epochs of the schedule" in text and "seed of the initial weights" in text

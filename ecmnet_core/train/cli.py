@@ -44,8 +44,12 @@ SHORTCUTS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ecmnet_core.ops.selective_scan import BACKENDS
+    from ecmnet_core.train.config import CONFIG_DIR
+
+    recipes = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     parser.add_argument("--config", required=True,
-                        help="YAML recipe: a path, or a shipped name (camvid, cityscapes)")
+                        help=f"YAML recipe: a path, or a shipped name ({recipes})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config value, e.g. --set optim.lr=0.002 --set data.flip=false")
     parser.add_argument("--data", default=None, help="dataset root (data.root)")
@@ -61,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="ecmnet, lines_msau, lines or baseline")
     parser.add_argument("--kind", default=None, choices=["camvid", "cityscapes", "folder", "shards"],
                         help="dataset layout (default: detected)")
-    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the schedule (train.epochs)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per process and iteration")
     parser.add_argument("--lr", type=float, default=None, help="base learning rate")
     parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None, help="training crop")
@@ -76,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision (CUDA only)")
     parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (0: off)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the initial weights, data order and augmentation (train.seed)")
     parser.add_argument("--max-iters", type=int, default=None,
                         help="stop at iteration N (smoke runs); the schedule is the full one, so --resume auto "
                              "with a larger N (or none) goes on")
@@ -84,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SyncBatchNorm across processes (DDP)")
     parser.add_argument("--checkpoint-every", type=int, default=None,
                         help="also write last.pt every N iterations")
-    parser.add_argument("--scan-backend", default=None, help="selective-scan backend: mamba, torch, reference")
+    parser.add_argument("--scan-backend", default=None,
+                        help=f"selective-scan backend: {', '.join(BACKENDS)} (default automatic)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     parser.add_argument("--no-plots", action="store_true", help="no loss.png / miou.png (no matplotlib needed)")
