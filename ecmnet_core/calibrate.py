@@ -16,7 +16,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,11 @@ class ConfidenceEval:
     1, the coverage/accuracy curve, and mIoU over the pixels kept at ``min_confidence``
     (``evaluate_samples(confidence=True)``, ``ecmnet-core calibrate``)."""
 
-    def __init__(self, info: DatasetInfo, temperature: float, min_confidence: float) -> None:
+    def __init__(self, info: DatasetInfo, temperature: float, min_confidence: float, curve: bool = True) -> None:
         self.temperature, self.min_confidence = temperature, min_confidence
-        self.calibrated = CalibrationStats(info.num_classes, info.ignore_index)
+        # one confusion matrix per threshold: the curve's only when it is asked for
+        self.calibrated = CalibrationStats(info.num_classes, info.ignore_index,
+                                           **({} if curve else {"thresholds": ()}))
         if min_confidence > 0:
             self.calibrated.add_threshold(min_confidence)
         self.raw = CalibrationStats(info.num_classes, info.ignore_index, thresholds=()) if temperature != 1.0 \
@@ -62,10 +64,10 @@ class ConfidenceEval:
         return out
 
 
-def calibration_pass(predictor: Any, samples: Sequence[Any], info: DatasetInfo, temperature: float) -> dict:
-    """:class:`ConfidenceEval` summary over every labelled pixel of ``samples`` at ``temperature`` (and at 1)."""
+def labelled_logits(predictor: Any, samples: Sequence[Any]) -> Iterator[tuple[Tensor, Tensor, np.ndarray]]:
+    """(logits (K, H, W) at the label resolution, labels (H, W), ground truth (H, W)) of every labelled sample,
+    predicted as the evaluation predicts, with no pixel masked."""
     runner = as_runner(predictor)
-    stats = ConfidenceEval(info, temperature, 0.0)
     for index in range(len(samples)):
         image, label = load_raw(samples, index)
         if label is None:
@@ -73,7 +75,14 @@ def calibration_pass(predictor: Any, samples: Sequence[Any], info: DatasetInfo, 
         full: list[Tensor] = []
         pred = predict_labels(runner, [runner.preprocess(image)], [label.shape[:2]], min_confidence=0.0,
                               logits_out=full)[0]
-        stats.update(full[0], pred, label)
+        yield full[0], pred, label
+
+
+def calibration_pass(predictor: Any, samples: Sequence[Any], info: DatasetInfo, temperature: float) -> dict:
+    """:class:`ConfidenceEval` summary over every labelled pixel of ``samples`` at ``temperature`` (and at 1)."""
+    stats = ConfidenceEval(info, temperature, 0.0, curve=False)
+    for logits, pred, label in labelled_logits(predictor, samples):
+        stats.update(logits, pred, label)
     return stats.summary(info.class_names)
 
 
@@ -81,21 +90,15 @@ def collect_logits(predictor: Any, samples: Sequence[Any], info: DatasetInfo, pi
                    seed: int = 0) -> tuple[Tensor, Tensor]:
     """(N, K) float32 logits and (N,) int64 labels of up to ``pixels_per_image`` random labelled pixels per image,
     at the label resolution, predicted as the evaluation predicts."""
-    runner = as_runner(predictor)
     gen = torch.Generator().manual_seed(seed)
     xs, ys = [], []
-    for index in range(len(samples)):
-        image, label = load_raw(samples, index)
-        if label is None:
-            continue
-        full: list[Tensor] = []
-        predict_labels(runner, [runner.preprocess(image)], [label.shape[:2]], min_confidence=0.0, logits_out=full)
+    for logits, _, label in labelled_logits(predictor, samples):
         target = torch.from_numpy(label.astype(np.int64)).reshape(-1)
         valid = torch.nonzero((target < info.num_classes) & (target != info.ignore_index)).squeeze(1)
         if valid.numel() == 0:
             continue
         pick = valid[torch.randperm(valid.numel(), generator=gen)[:pixels_per_image]]
-        xs.append(full[0].reshape(info.num_classes, -1)[:, pick].T.cpu())
+        xs.append(logits.reshape(info.num_classes, -1)[:, pick].T.cpu())
         ys.append(target[pick])
     if not xs:
         raise ValueError("no labelled pixels to calibrate on")
@@ -227,7 +230,6 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"calibrate: {exc}", file=sys.stderr)
         return 2
-    segmenter.temperature = temperature
     conf = calibration_pass(segmenter, samples, info, temperature)
     figures = {"temperature": temperature, "previous_temperature": before, "split": args.split,
                "pixels_fitted": int(targets.numel()), "nll_before": nll(logits, targets, 1.0),

@@ -100,7 +100,7 @@ def evaluate_samples(predictor: Any, samples: Sequence[Sample] | Any, info: Data
 
     cm = ConfusionMatrix(info.num_classes, info.ignore_index)
     threshold = runner_min_confidence(runner) if min_confidence is None else float(min_confidence)
-    conf_eval = ConfidenceEval(info, float(getattr(runner, "temperature", 1.0)), threshold) \
+    conf_eval = ConfidenceEval(info, float(getattr(runner, "temperature", 1.0)), threshold, curve=confidence) \
         if confidence or threshold > 0 else None
     indices = range(rank, len(samples), world_size)
     loader = DataLoader(_EvalItems(samples, indices, runner.preprocess), batch_size=batch_size,

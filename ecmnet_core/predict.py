@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -53,15 +53,16 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def iter_frames(inputs: list[tuple[str, Path]], bad: list[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_frames(inputs: list[tuple[str, Path]],
+                skip: Callable[[str], None] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """``(stem, BGR uint8 image)`` for every image and every video frame, in order. An input that cannot be read
-    raises :class:`InputError`, or with ``bad`` (a list) is skipped and its reason appended there."""
+    raises :class:`InputError`, or with ``skip`` is passed over after ``skip(reason)``."""
     from ecmnet_core.data import DataError, read_image
 
     def fail(message: str) -> None:
-        if bad is None:
+        if skip is None:
             raise InputError(message)
-        bad.append(message)
+        skip(message)
 
     for kind, path in inputs:
         if kind == "image":
@@ -153,10 +154,14 @@ def run(args: argparse.Namespace) -> int:
           f"input {desc['input_size']}, device {desc['device']}, {len(inputs)} input(s) -> {out}", file=sys.stderr)
     used: set[str] = set()
     bad: list[str] = []
+
+    def skip(reason: str) -> None:
+        bad.append(reason)
+        print(f"predict: skipped: {reason}", file=sys.stderr)
     count, start, first_s = 0, time.perf_counter(), 0.0
     progress = _Progress(len(inputs))
     try:
-        for batch in _batches(_reporting(iter_frames(inputs, bad), bad), batch_size):
+        for batch in _batches(iter_frames(inputs, skip), batch_size):
             probs: list[np.ndarray] | None = [] if args.save_confidence else None
             labels = segment_images(segmenter, [image for _, image in batch], confidence=probs)
             for i, ((stem, image), lab) in enumerate(zip(batch, labels)):
@@ -209,15 +214,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _reporting(frames: Iterator[tuple[str, np.ndarray]], bad: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Pass ``frames`` through, printing each newly skipped input's reason as it happens."""
-    seen = 0
-    for item in frames:
-        for message in bad[seen:]:
-            print(f"predict: skipped: {message}", file=sys.stderr)
-        seen = len(bad)
-        yield item
-    for message in bad[seen:]:
-        print(f"predict: skipped: {message}", file=sys.stderr)

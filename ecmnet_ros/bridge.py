@@ -14,7 +14,6 @@ Per-frame cost of both: ``python -m ecmnet_ros.bridge [--runs N]``.
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 from ecmnet_core.image_messages import (
     PLANAR_420,
     SUPPORTED_ENCODINGS,
+    EncodingInfo,
     ImageConversionError,
     array_to_bgr8,
     array_to_image,
@@ -51,11 +51,11 @@ class ImageCodec:
     def backend(self) -> str:
         return "cv_bridge" if self.bridge is not None else "ecmnet_core"
 
-    def bridge_decodes(self, msg: Any) -> bool:
-        """True when cv_bridge converts this (already validated) Image exactly."""
+    def bridge_decodes(self, msg: Any, info: EncodingInfo | None = None) -> bool:
+        """True when cv_bridge converts this Image exactly (``info``: its :func:`check_image` result, if at hand)."""
         if self.bridge is None or msg.encoding not in CV_BRIDGE_ENCODINGS or msg.is_bigendian:
             return False
-        info = check_image(msg)
+        info = info or check_image(msg)
         pixel = info.channels * np.dtype(info.dtype).itemsize
         return (int(msg.step) - int(msg.width) * pixel) % pixel == 0  # padding in whole pixels
 
@@ -64,8 +64,8 @@ class ImageCodec:
         :class:`ImageConversionError` (with its ``kind``) for a message that cannot be decoded."""
         if hasattr(msg, "format"):
             return compressed_to_bgr8(msg, max_pixels)
-        check_image(msg, max_pixels)
-        if not self.bridge_decodes(msg):
+        info = check_image(msg, max_pixels)
+        if not self.bridge_decodes(msg, info):
             return image_to_bgr8(msg, max_pixels)
         try:
             array = self.bridge.imgmsg_to_cv2(msg, desired_encoding="passthrough")
@@ -80,19 +80,16 @@ class ImageCodec:
         return array_to_image(array, encoding, header)
 
 
-def _median_ms(fn: Any, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(np.median(times))
-
-
 def bench(runs: int = 50) -> list[dict[str, Any]]:
     """Median ms per frame of decode (bgr8, rgb8, mono16 in) and encode (mono8 labels, bgr8 colour out) with
     cv_bridge and with the core codec, at 360x480 and 1920x1080."""
+    import torch
+
+    from ecmnet_core.bench.timing import time_fn
     from ecmnet_ros.runtime import make_header
+
+    def median_ms(fn: Any) -> float:
+        return time_fn(fn, runs, warmup=1, device=torch.device("cpu")).median
 
     codecs = {"cv_bridge": ImageCodec(True), "ecmnet_core": ImageCodec(False)}
     rng = np.random.default_rng(0)
@@ -107,11 +104,10 @@ def bench(runs: int = 50) -> list[dict[str, Any]]:
             for encoding, array in inputs.items():
                 msg = array_to_image(np.ascontiguousarray(array), encoding, header)
                 rows.append({"size": f"{h}x{w}", "codec": name, "op": f"decode {encoding}",
-                             "ms": _median_ms(lambda m=msg, c=codec: c.decode(m), runs)})
+                             "ms": median_ms(lambda m=msg, c=codec: c.decode(m))})
             for encoding, array in (("mono8", bgr[..., 0].copy()), ("bgr8", bgr)):
                 rows.append({"size": f"{h}x{w}", "codec": name, "op": f"encode {encoding}",
-                             "ms": _median_ms(lambda a=array, e=encoding, c=codec, hd=header: c.encode(a, e, hd),
-                                              runs)})
+                             "ms": median_ms(lambda a=array, e=encoding, c=codec, hd=header: c.encode(a, e, hd))})
     return rows
 
 

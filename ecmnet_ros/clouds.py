@@ -62,8 +62,9 @@ def ros_cloud_message(records: np.ndarray, fields: list[Field], header: Any, hei
 def bench(points: int = 100_000, runs: int = 30) -> list[tuple[str, float]]:
     """Median ms to read one cloud (x, y, z, intensity float32) and to write its labelled copy, with
     ``sensor_msgs_py`` and with the core codec."""
-    import time
+    import torch
 
+    from ecmnet_core.bench.timing import time_fn
     from ecmnet_core.points.cloud import labeled_records, read_cloud, xyz_records
     from ecmnet_ros.runtime import make_header
 
@@ -76,15 +77,8 @@ def bench(points: int = 100_000, runs: int = 30) -> list[tuple[str, float]]:
     cases = {"read, sensor_msgs_py": lambda: read_ros_cloud(msg), "read, core codec": lambda: read_cloud(msg),
              "write, sensor_msgs_py": lambda: ros_cloud_message(out, out_fields, msg.header),
              "write, core codec": lambda: cloud_message(out, out_fields, msg.header)}
-    result = []
-    for name, fn in cases.items():
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1000.0)
-        result.append((name, float(np.median(times))))
-    return result
+    cpu = torch.device("cpu")
+    return [(name, time_fn(fn, runs, warmup=1, device=cpu).median) for name, fn in cases.items()]
 
 
 def main(argv: list[str] | None = None) -> int:

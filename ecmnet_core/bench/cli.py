@@ -37,7 +37,7 @@ def legacy_argv(argv: list[str]) -> list[str]:
     """``bench --scan ...`` -> ``bench scan ...`` and the like (deprecated spellings, kept for one release)."""
     i = argv.index("bench") if "bench" in argv else -1
     rest = argv[i + 1:]
-    if i < 0 or (rest and rest[0] in MODES) or any(a in ("-h", "--help") for a in rest[:1]):
+    if i < 0 or (rest and rest[0] in (*MODES, "-h", "--help")):
         return argv
     mode, out, j = "model", [], 0
     while j < len(rest):

@@ -394,7 +394,6 @@ class Trainer:
                 "epoch": self.epoch, "global_iter": self.global_iter, "total_iters": self.total_iters,
                 "iters_per_epoch": self.iters_per_epoch, "best_miou": self.best_miou, "best_epoch": self.best_epoch,
                 "wall_time": self.wall_time, "history": self.history,
-                "lr": float(self.optimizer.param_groups[0]["lr"]),
             }
             if self.ema is not None:
                 continuation["ema_updates"] = self.ema.updates
