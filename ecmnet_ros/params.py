@@ -88,8 +88,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("compile", BOOL, False, CONFIGURE,
               "torch backend: torch.compile the model (minutes of compilation on configure; cached by inductor)"),
     ParamSpec("cuda_graphs", BOOL, False, CONFIGURE, "torch backend on CUDA: replay captured CUDA graphs"),
-    ParamSpec("jit", BOOL, True, CONFIGURE, "torch backend on CPU with a fixed input_size: run a TorchScript "
-              "trace of the model (made during warm-up); native-size input ([0, 0]) always runs eagerly"),
+    ParamSpec("jit", BOOL, True, CONFIGURE, "torch backend on CPU with a fixed input_size: run a torch.export "
+              "graph of the model (captured during warm-up); native-size input ([0, 0]) always runs eagerly"),
     ParamSpec("tta", STRING, "none", CONFIGURE, "test-time augmentation: none, or flip (also run the mirrored image "
               "and average the logits: about +1 point mIoU for twice the inference time)", choices=TTA_MODES),
     # ---- topics (configure)

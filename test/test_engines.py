@@ -177,34 +177,39 @@ def test_torch_engine_options_keep_labels() -> None:
     assert plain.num_classes == ckpt.num_classes
 
 
-def test_cpu_trace_per_input_size_and_eager_fallback(monkeypatch) -> None:
-    """On the CPU the torch engine runs one TorchScript trace per input size (recording the compiled kernels as
-    custom ops), equal to the eager engine; if tracing fails it warns and keeps running eagerly."""
+def test_cpu_graph_per_input_size_and_eager_fallback(monkeypatch) -> None:
+    """On the CPU the torch engine captures one torch.export graph per input size (recording the compiled kernels
+    as custom ops, never the deprecated TorchScript tracer), bit for bit the eager engine's logits; if capture fails
+    it warns and keeps running eagerly."""
     from ecmnet_core.engines import TorchEngine, TorchEngineOptions
 
+    def no_tracer(*args, **kwargs):
+        raise AssertionError("torch.jit.trace is deprecated and must not be used")
+
+    monkeypatch.setattr(torch.jit, "trace", no_tracer)
     ckpt = random_checkpoint("ecmnet", 3)
-    traced = TorchEngine(ckpt, torch.device("cpu"))
+    graph_engine = TorchEngine(ckpt, torch.device("cpu"))
     eager = TorchEngine(ckpt, torch.device("cpu"), TorchEngineOptions(jit=False))
     gen = torch.Generator().manual_seed(4)
     for size in (SIZE, (64, 96), SIZE):
         x = torch.randn(1, 3, *size, generator=gen)
-        torch.testing.assert_close(traced.logits(x), eager.logits(x), rtol=1e-4, atol=1e-4)
-    assert sorted(traced._traces) == [(1, 3, 64, 96), (1, 3, *SIZE)]
-    assert "traced" in traced.describe()["optimisations"] and "traced" not in eager.describe()["optimisations"]
-    graph = str(traced._traces[(1, 3, *SIZE)].inlined_graph)
+        assert torch.equal(graph_engine.logits(x), eager.logits(x))
+    assert sorted(graph_engine._traces) == [(1, 3, 64, 96), (1, 3, *SIZE)]
+    assert "graph" in graph_engine.describe()["optimisations"] and "graph" not in eager.describe()["optimisations"]
+    graph = graph_engine._traces[(1, 3, *SIZE)].print_readable(print_output=False)  # with nested graphs
     # DDA's attention reads its stacked projections (optimize_for_inference), EDAB's kernels are recorded too
     for op in ("axial_attention_qkv_cpu", "selective_scan_cpu", "dw_pair_cpu", "edab_merge_cpu", "add_shuffle_cpu"):
-        assert f"ecmnet::{op}" in graph, op
+        assert f"ecmnet.{op}" in graph, op
 
     def broken(*args, **kwargs):
-        raise RuntimeError("cannot trace")
+        raise RuntimeError("cannot export")
 
-    monkeypatch.setattr(torch.jit, "trace", broken)
+    monkeypatch.setattr(torch.export, "export", broken)
     fresh = TorchEngine(ckpt, torch.device("cpu"))
     x = torch.randn(1, 3, *SIZE, generator=gen)
     with pytest.warns(RuntimeWarning, match="running the model eagerly"):
         out = fresh.logits(x)
-    torch.testing.assert_close(out, eager.logits(x), rtol=1e-4, atol=1e-4)
+    assert torch.equal(out, eager.logits(x))
 
 
 def test_unreadable_checkpoints_get_one_clear_line(tmp_path):

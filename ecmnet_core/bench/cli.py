@@ -24,7 +24,7 @@ import torch
 MODES = {
     "model": "forward latency of a (random-weight) model at one input size",
     "scan": "forward and forward+backward time and memory of every selective-scan backend on the FFM shape",
-    "inference": "every inference path (eager, kernels, TorchScript, ONNX Runtime, fp16 ...) against eager fp32",
+    "inference": "every inference path (eager, kernels, torch.export graph, ONNX Runtime, fp16 ...) against eager fp32",
     "profile": "per-operator and per-kind time of one inference path",
     "train": "seconds per training step, baseline vs default path, and the data pipeline's images/s",
     "points": "point painting of N LiDAR points (projection + label lookup)",

@@ -64,7 +64,7 @@ PATHS: dict[str, PathSpec] = {
     "eager-kernels": PathSpec("eager fp32, NCHW, with the compiled scan/attention kernels", engine="eager",
                               channels_last=False, optimize=False),
     "torch-eager": PathSpec("inference rewrites, channels-last, compiled kernels; eager", jit=False),
-    "torch": PathSpec("Segmenter default: torch-eager + TorchScript trace on CPU"),
+    "torch": PathSpec("Segmenter default: torch-eager + torch.export graph on CPU"),
     "torch-compile": PathSpec("torch + torch.compile (inductor)", compile=True),
     "onnxruntime": PathSpec("ONNX Runtime (exported graph, scan as an ONNX Scan)", engine="onnxruntime"),
     "torch-fp16": PathSpec("torch + fp16 autocast", dtype="fp16", cuda_only=True),

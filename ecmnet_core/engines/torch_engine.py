@@ -4,8 +4,10 @@
   convolutions, the 1x1 classifier applied before the last bilinear upsampling;
 * channels-last memory format (the depthwise and 1x1 convolutions of EDAB run faster that way on CPU);
 * fp16/bf16 autocast on CUDA (the selective scan itself always runs in fp32);
-* on the CPU a TorchScript trace per input size (``jit``, default): the same ops without the Python overhead of
-  ~1,500 module calls per frame (the compiled kernels are recorded as the custom ops ``torch.ops.ecmnet.*``);
+* on the CPU one graph per input size captured with ``torch.export`` (``jit``, default): the same ops without the
+  Python overhead of ~1,500 module calls per frame (the compiled kernels are recorded as the custom ops
+  ``torch.ops.ecmnet.*``), run as the exported program's module; as fast as the TorchScript trace it replaced
+  (``torch.jit.trace`` is deprecated) and bit for bit the eager model's output;
 * optional ``torch.compile`` (inductor; minutes of compilation on a small CPU, cached on disk by inductor);
 * optional CUDA graphs: one captured graph per input shape, replayed with a static input buffer.
 """
@@ -16,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ecmnet_core.checkpoint import Checkpoint
 from ecmnet_core.model.fuse import optimize_for_inference
@@ -36,8 +38,18 @@ class TorchEngineOptions:
     optimize: bool = True
     compile: bool = False
     cuda_graphs: bool = False
-    jit: bool = True  # CPU only: TorchScript trace per input size
+    jit: bool = True  # CPU only: a torch.export graph per input size
     scan_backend: str | None = None
+
+
+def capture(model: nn.Module, example: Tensor) -> nn.Module:
+    """``model`` as a graph for ``example``'s shape: ``torch.export`` (strict=False, static shapes), run as the
+    exported program's module. Gradients are off while capturing, so the inference kernels are recorded as their
+    ``torch.ops.ecmnet.*`` custom ops (not the training kernels, which read raw data pointers)."""
+    with torch.inference_mode(False), torch.no_grad():
+        example = example.detach().clone()  # an inference tensor cannot enter export's functional tracing
+        program = torch.export.export(model, (example,), strict=False)
+    return program.module()
 
 
 class TorchEngine:
@@ -66,9 +78,9 @@ class TorchEngine:
         self._forward = torch.compile(model, dynamic=False) if opts.compile else model
         self._amp_dtype = DTYPES[opts.dtype]
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
-        # tracing on CUDA would record the plain scan loop (the CUDA kernels are not custom ops); torch.compile wins
+        # capturing on CUDA would record the plain scan loop (the CUDA kernels are not custom ops); torch.compile wins
         self._jit = opts.jit and device.type == "cpu" and not opts.compile
-        self._traces: dict[tuple[int, ...], torch.jit.ScriptModule] = {}
+        self._traces: dict[tuple[int, ...], nn.Module] = {}
 
     @property
     def dtype(self) -> str:
@@ -95,12 +107,10 @@ class TorchEngine:
         module = self._traces.get(key)
         if module is None:
             try:
-                with warnings.catch_warnings():  # torch.jit.trace is deprecated; shape TracerWarnings are expected
-                    warnings.simplefilter("ignore")
-                    module = torch.jit.trace(self.model, (batch,), check_trace=False)
-            except Exception as exc:  # an untraceable model keeps working, eagerly
-                warnings.warn(f"TorchScript trace failed ({exc}); running the model eagerly", RuntimeWarning,
-                              stacklevel=3)
+                module = capture(self.model, batch)
+            except Exception as exc:  # a model that cannot be captured keeps working, eagerly
+                warnings.warn(f"graph capture (torch.export) failed ({type(exc).__name__}: {exc}); running the "
+                              "model eagerly", RuntimeWarning, stacklevel=3)
                 self._jit = False
                 return self._forward(batch).float()
             if len(self._traces) >= MAX_TRACES:  # native-size input with many sizes: keep the newest few
@@ -140,6 +150,6 @@ class TorchEngine:
     def describe(self) -> dict[str, str]:
         o = self.options
         flags = [name for name, on in (("optimized", o.optimize), ("channels-last", o.channels_last),
-                                       ("traced", self._jit), ("compiled", o.compile),
+                                       ("graph", self._jit), ("compiled", o.compile),
                                        ("cuda-graphs", o.cuda_graphs)) if on]
         return {"backend": "torch", "optimisations": ", ".join(flags) or "none"}

@@ -32,7 +32,8 @@ def add_segmenter_arguments(parser: argparse.ArgumentParser | argparse._Argument
     parser.add_argument("--no-optimize", action="store_true",
                         help="torch backend: no inference rewrites (BN folding, classifier before the last upsampling)")
     parser.add_argument("--compile", action="store_true", help="torch backend: torch.compile the model first")
-    parser.add_argument("--no-jit", action="store_true", help="torch backend on CPU: no TorchScript trace")
+    parser.add_argument("--no-jit", action="store_true",
+                        help="torch backend on CPU: run the model eagerly, no torch.export graph")
     parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
                         help="label pixels whose calibrated confidence is below P as 255, unknown (0..1; default 0: "
                              "off)")

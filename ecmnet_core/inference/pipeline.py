@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.data.transforms import Preprocess
+from ecmnet_core.ops import labels_cpu
 
 #: Test-time augmentations: none, or the mean of the logits of the image and of its mirror image.
 TTA_MODES = ("none", "flip")
@@ -146,8 +147,9 @@ def as_runner(predictor: Any, mean: Sequence[float] | None = None, std: Sequence
 def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
                    confidence: list[Tensor] | None = None, min_confidence: float | None = None,
                    logits_out: list[Tensor] | None = None) -> list[Tensor]:
-    """Class ids (h, w) int64 per image: same-shape inputs run as one batch, logits are upsampled bilinearly to
-    ``sizes[i]`` before the argmax. Results stay on the runner's device.
+    """Class ids (h, w) per image (uint8 on the CPU, int64 elsewhere; :func:`logits_to_labels`): same-shape inputs
+    run as one batch, logits are upsampled bilinearly to ``sizes[i]`` before the argmax. Results stay on the
+    runner's device.
 
     ``confidence``: a list that receives, per image, the calibrated softmax probability (h, w) float32 of the
     chosen class (``~/confidence``, point painting's per-point probability).
@@ -166,21 +168,39 @@ def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tu
         logits = runner.logits(torch.stack([tensors[i] for i in idx]))
         for j, i in enumerate(idx):
             one = logits[j:j + 1]
-            if tuple(one.shape[-2:]) != tuple(sizes[i]):
-                one = F.interpolate(one, size=tuple(sizes[i]), mode="bilinear", align_corners=False)
-            labels = one.argmax(dim=1)[0]
-            if confidence is not None or threshold > 0:
-                probs[i] = top_probability(one, temperature)[0]
-                if threshold > 0:
-                    labels = labels.masked_fill(probs[i] < threshold, UNLABELED)
-            out[i] = labels
             if logits_out is not None:
+                if tuple(one.shape[-2:]) != tuple(sizes[i]):
+                    one = F.interpolate(one, size=tuple(sizes[i]), mode="bilinear", align_corners=False)
                 full[i] = one[0].float()
+            out[i], probs[i] = logits_to_labels(one, sizes[i], temperature, threshold, confidence is not None)
     if confidence is not None:
         confidence.extend(probs)  # type: ignore[arg-type]
     if logits_out is not None:
         logits_out.extend(full)  # type: ignore[arg-type]
     return out  # type: ignore[return-value]
+
+
+def logits_to_labels(logits: Tensor, size: tuple[int, int], temperature: float = 1.0, min_confidence: float = 0.0,
+                     confidence: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(1, K, h, w) logits -> (labels (H, W), probability (H, W) float32 or None) at ``size`` = (H, W): bilinear
+    upsampling (align_corners=False) when the sizes differ, argmax, and pixels below ``min_confidence`` set to 255.
+
+    On the CPU one compiled pass (:mod:`ecmnet_core.ops.labels_cpu`, uint8 labels, bit for bit PyTorch's result);
+    elsewhere PyTorch (int64 labels). The probability is computed only when asked for or needed for the threshold.
+    """
+    if labels_cpu.fits(logits):
+        labels, prob = labels_cpu.labels_from_logits(logits, size, temperature, min_confidence,
+                                                     confidence=confidence, unknown=UNLABELED)
+        return labels[0], prob[0] if prob is not None else None
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    labels = logits.argmax(dim=1)[0]
+    prob = None
+    if confidence or min_confidence > 0:
+        prob = top_probability(logits, temperature)[0]
+        if min_confidence > 0:
+            labels = labels.masked_fill(prob < min_confidence, UNLABELED)
+    return labels, prob if confidence else None
 
 
 def runner_min_confidence(runner: Runner) -> float:
@@ -201,4 +221,4 @@ def segment_images(predictor: Any, images: Sequence[np.ndarray],
 
 
 __all__ = ["TTA_MODES", "ModelRunner", "Runner", "SegmenterRunner", "as_runner", "confidence_image",
-           "predict_labels", "segment_images", "top_probability", "tta_logits"]
+           "logits_to_labels", "predict_labels", "segment_images", "top_probability", "tta_logits"]

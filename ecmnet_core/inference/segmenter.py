@@ -66,7 +66,7 @@ class InferenceConfig:
     optimize: bool = True
     compile: bool = False
     cuda_graphs: bool = False
-    jit: bool = True  # CPU with a fixed input_size: TorchScript trace (made during warm-up)
+    jit: bool = True  # CPU with a fixed input_size: a torch.export graph (captured during warm-up)
     tta: str = "none"  # none | flip: also run the mirrored image and average the logits (2x the cost)
     #: pixels whose calibrated confidence is below this get label 255 (unknown); 0 = off
     min_confidence: float = 0.0
