@@ -6,6 +6,7 @@
     ecmnet-core bench profile    --sizes 360x480                   # per-operator time of one inference path
     ecmnet-core bench train      --size 360 480 --batch 8          # training step, baseline vs default path
     ecmnet-core bench points     --points 100000                   # point painting
+    ecmnet-core bench baseline   --rev 2822c60 --threads 2         # this tree against an earlier revision
 
 The flags of the single ``bench`` command of earlier releases (``--scan``, ``--paths``, ``--profile``, ``--train``,
 ``--points``, none for the model) still work for one release: :func:`legacy_argv` rewrites them and says so.
@@ -28,6 +29,7 @@ MODES = {
     "profile": "per-operator and per-kind time of one inference path",
     "train": "seconds per training step, baseline vs default path, and the data pipeline's images/s",
     "points": "point painting of N LiDAR points (projection + label lookup)",
+    "baseline": "this tree's Segmenter against an earlier git revision's, end to end and forward, in one process",
 }
 #: old flag -> mode (the flag's value, if any, becomes that mode's option)
 LEGACY = {"--scan": "scan", "--paths": "inference", "--profile": "profile", "--train": "train", "--points": "points"}
@@ -171,9 +173,18 @@ def _add_points(p: argparse.ArgumentParser) -> None:
     _common(p, runs=50, warmup=5, device=False)
 
 
+def _add_baseline(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rev", default="2822c60", help="git revision to compare with (default 2822c60)")
+    p.add_argument("--sizes", nargs="+", default=["352x480"], metavar="HxW", help="input sizes (default 352x480)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint both load (default: the packaged CamVid model)")
+    p.add_argument("--budget", type=float, default=120.0,
+                   help="stop repeating one measurement after this many seconds (default 120)")
+    _common(p, runs=20, warmup=3, device=False)
+
+
 ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "model": _add_model, "scan": _add_scan, "inference": _add_inference, "profile": _add_profile,
-    "train": _add_train, "points": _add_points,
+    "train": _add_train, "points": _add_points, "baseline": _add_baseline,
 }
 
 
@@ -239,6 +250,12 @@ def _run_mode(args: argparse.Namespace) -> tuple[dict, Callable[[dict], str]]:
             size=size, batch=args.batch, classes=args.classes, model=args.model, runs=args.runs,
             warmup=args.warmup, budget_s=max(args.budget, 120.0), data=args.data,
             trainer_allocator=args.trainer_allocator)), format_train
+    if args.mode == "baseline":
+        from ecmnet_core.bench.baseline import BaselineBenchConfig, bench_baseline, format_baseline
+
+        return bench_baseline(BaselineBenchConfig(
+            rev=args.rev, sizes=_sizes(args.sizes) or ((352, 480),), checkpoint=args.checkpoint, runs=args.runs,
+            warmup=args.warmup, budget_s=args.budget)), format_baseline
     from ecmnet_core.bench.points import bench_painting, format_painting
 
     return bench_painting(args.points, size, runs=args.runs, warmup=args.warmup), format_painting
