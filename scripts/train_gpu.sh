@@ -13,6 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR="${GPU_DIR:-.gpu}"
+# shellcheck source=scripts/gpu_pydeps.sh
+source scripts/gpu_pydeps.sh
 mode="${1:-}"
 shift || true
 
@@ -20,15 +22,10 @@ case "$mode" in
 prepare)
   data="${ECMNET_SHARED:-../shared}/camvid"
   if [[ "${1:-}" == "--data" ]]; then data="$2"; shift 2; fi
-  rm -rf "$GPU_DIR/camvid" "$GPU_DIR/pydeps"
-  mkdir -p "$GPU_DIR/pydeps"
+  rm -rf "$GPU_DIR/camvid"
   python -m ecmnet_core pack --data "$data" --split train --split val --out "$GPU_DIR/camvid" --format jpeg \
     --quality 95 --overwrite
-  # PyYAML's pure-Python part (the GPU machine has none; its C speed-up is optional and fails to import there)
-  yaml_dir="$(python -c 'import os, yaml; print(os.path.dirname(yaml.__file__))')"
-  cp -r "$yaml_dir" "$GPU_DIR/pydeps/yaml"
-  find "$GPU_DIR/pydeps" -name '*.so' -delete
-  find "$GPU_DIR/pydeps" -name '__pycache__' -prune -exec rm -rf {} +
+  copy_pydeps "$GPU_DIR/pydeps"
   du -sh "$GPU_DIR"
   echo "carry [\"$GPU_DIR\"] with: bash scripts/train_gpu.sh run --budget 480"
   ;;
