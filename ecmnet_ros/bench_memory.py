@@ -8,6 +8,10 @@ resolution or a bad publisher would. Prints the node's RSS at start (after confi
 middle and at the end, its peak, the frames answered with labels and the bad messages the node counted.
 
 Target (issue 13): RSS after 10,000 frames within +30 % of RSS after the first 200.
+
+``--cycles N``: instead, N deactivate -> cleanup -> configure -> activate cycles through the node's lifecycle
+services while valid 360x480 frames keep arriving at ``--rate``; prints the node's RSS and OS thread count after
+each cycle. Target (issue 29): RSS after cycle N within +10 % of after cycle 2, the thread count constant.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 
 TARGET_GROWTH_PCT = 30.0
+CYCLES_TARGET_PCT = 10.0
 MIB = 1024 * 1024
 
 
@@ -38,9 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint for the node (default: the packaged CamVid model)")
     p.add_argument("--model", help="variant with RANDOM weights instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cycles", type=int, default=0, metavar="N",
+                   help="measure N lifecycle cleanup/configure cycles with frames flowing instead of the stream")
     p.add_argument("--domain", type=int, help="ROS_DOMAIN_ID (default: from the pid)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _thread_names(pid: int) -> dict[str, int]:
+    """OS thread names of ``pid`` with their counts (what a growing thread count is made of)."""
+    names: dict[str, int] = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as fh:
+                name = fh.read().strip()
+        except OSError:
+            continue
+        names[name] = names.get(name, 0) + 1
+    return dict(sorted(names.items()))
 
 
 def _rss_bytes(pid: int) -> tuple[int, int]:
@@ -107,14 +131,9 @@ class FrameMaker:
         return msg, valid
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import psutil
-    from diagnostic_msgs.msg import DiagnosticArray
-    from rclpy.node import Node
-    from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import Image
-
-    from ecmnet_ros.runtime import Spinner, TopicCollector, isolate_discovery, ros_context, wait_for
+def _start_node(args: argparse.Namespace) -> tuple[subprocess.Popen, list[str]]:
+    """The segmenter node as its own process in namespace /mem (stderr collected into the returned list)."""
+    from ecmnet_ros.runtime import isolate_discovery
 
     domain = isolate_discovery(args.domain)
     params = ["-p", "autostart:=true"]
@@ -127,6 +146,89 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             stderr=subprocess.PIPE, text=True)
     stderr_tail: list[str] = []
     threading.Thread(target=lambda: [stderr_tail.append(line) for line in proc.stderr], daemon=True).start()
+    return proc, stderr_tail
+
+
+def _stop_node(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run_cycles(args: argparse.Namespace) -> dict[str, Any]:
+    """RSS and threads of the node after each of ``args.cycles`` cleanup -> configure cycles, frames flowing."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from rclpy.node import Node
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    from ecmnet_core.image_messages import array_to_image
+    from ecmnet_ros.runtime import Spinner, TopicCollector, make_header, ros_context, wait_for
+
+    proc, stderr_tail = _start_node(args)
+    frame = np.random.default_rng(args.seed).integers(0, 256, (360, 480, 3), dtype=np.uint8)
+    stop = threading.Event()
+    per_cycle: list[dict[str, float]] = []
+    try:
+        with ros_context() as context, Spinner(context) as spinner:
+            probe = spinner.add(Node("bench_memory", context=context))
+            labels = TopicCollector(probe, Image, "/mem/segmenter/labels", qos=10)
+            pub = probe.create_publisher(Image, "/mem/image", qos_profile_sensor_data)
+            change = probe.create_client(ChangeState, "/mem/segmenter/change_state")
+            if not wait_for(lambda: "active: segmenting" in "".join(stderr_tail) or proc.poll() is not None, 300):
+                raise RuntimeError("the node did not come up within 300 s")
+            if proc.poll() is not None:
+                raise RuntimeError("the node exited: " + "".join(stderr_tail[-20:]))
+
+            def feed() -> None:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    pub.publish(array_to_image(frame, "bgr8", make_header(i)))
+                    time.sleep(1.0 / args.rate)
+
+            threading.Thread(target=feed, daemon=True).start()
+
+            def transition(tid: int) -> None:
+                future = change.call_async(ChangeState.Request(transition=Transition(id=tid)))
+                if not wait_for(future.done, 300) or not future.result().success:
+                    raise RuntimeError(f"transition {tid} failed: " + "".join(stderr_tail[-10:]))
+
+            if not change.wait_for_service(timeout_sec=30):
+                raise RuntimeError("the node's change_state service did not appear")
+            for _ in range(args.cycles):
+                for tid in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
+                            Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+                    transition(tid)
+                seen = len(labels.messages)
+                if not wait_for(lambda n=seen: len(labels.messages) > n, 120):
+                    raise RuntimeError("no labels after a cycle: " + "".join(stderr_tail[-10:]))
+                time.sleep(1.0)  # a few frames through the new configuration
+                per_cycle.append({"rss_mib": _rss_bytes(proc.pid)[0] / MIB, "threads": _threads(proc.pid),
+                                  "thread_names": _thread_names(proc.pid)})
+    finally:
+        stop.set()
+        _stop_node(proc)
+    ref = per_cycle[min(1, len(per_cycle) - 1)]
+    growth = 100.0 * (per_cycle[-1]["rss_mib"] - ref["rss_mib"]) / ref["rss_mib"]
+    return {"cycles": args.cycles, "per_cycle": per_cycle, "growth_cycle2_to_last_pct": growth,
+            "target_pct": CYCLES_TARGET_PCT, "threads_constant": per_cycle[-1]["threads"] == ref["threads"],
+            "meets_target": growth <= CYCLES_TARGET_PCT and per_cycle[-1]["threads"] == ref["threads"]}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import psutil
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.node import Node
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+
+    from ecmnet_ros.runtime import Spinner, TopicCollector, ros_context, wait_for
+
+    proc, stderr_tail = _start_node(args)
     make = FrameMaker(tuple(args.max_size), args.bad, args.seed)
     marks: dict[str, Any] = {}
     try:
@@ -169,11 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     break
             answered = len(labels.messages)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop_node(proc)
     growth = 100.0 * (marks["end"] - marks["frame_200"]) / marks["frame_200"]
     return {
         "frames": args.frames, "publish_rate_hz": args.frames / elapsed, "valid_frames_sent": valid_sent,
@@ -186,6 +284,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cycles:
+        result = run_cycles(args)
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        for i, c in enumerate(result["per_cycle"], 1):
+            print(f"cycle {i:2d}: node RSS {c['rss_mib']:.0f} MiB, {c['threads']} threads")
+        first, last = result["per_cycle"][min(1, len(result["per_cycle"]) - 1)], result["per_cycle"][-1]
+        grown = {k: f"{first['thread_names'].get(k, 0)} -> {v}" for k, v in last["thread_names"].items()
+                 if v != first["thread_names"].get(k, 0)}
+        if grown:
+            print(f"threads that changed after cycle 2: {grown}")
+        print(f"growth from cycle 2 to cycle {result['cycles']}: {result['growth_cycle2_to_last_pct']:+.1f} % "
+              f"(target <= +{CYCLES_TARGET_PCT:.0f} %, threads constant: "
+              f"{'met' if result['meets_target'] else 'NOT met'})")
+        return 0
     result = run(args)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -99,6 +99,28 @@ class Spinner:
         self.stop()
 
 
+class ModelThread:
+    """One long-lived thread for the work that builds a model (configure's load and warm-up).
+
+    The executor runs a lifecycle request on whichever of its threads is free, and the first PyTorch parallel region
+    a thread starts gives it an OpenMP team of its own that lives as long as the thread: configures spread over the
+    executor's threads would add a team per thread (the node's thread count grew by one per cleanup -> configure
+    cycle until every executor thread had one). Here every configure uses the same thread, so the same team.
+    """
+
+    def __init__(self, name: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the model thread; its result, or its exception raised here."""
+        return self._pool.submit(fn, *args).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.005) -> bool:
     """Poll ``predicate`` until it is truthy or ``timeout`` seconds pass; returns the final truthiness."""
     deadline = time.monotonic() + timeout

@@ -17,6 +17,8 @@ activates the node itself unless ``autostart`` is false.
 
 from __future__ import annotations
 
+import copy
+import gc
 import signal
 import sys
 import threading
@@ -39,7 +41,7 @@ from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Float32MultiArray, Header
 
-from ecmnet_core.allocator import TrimOnResize, limit_arenas
+from ecmnet_core.allocator import TrimOnResize, limit_arenas, malloc_trim
 from ecmnet_core.image_messages import ImageConversionError, check_message
 from ecmnet_core.inference import Segmenter
 from ecmnet_core.inference.pipeline import confidence_image
@@ -57,6 +59,7 @@ from ecmnet_ros.params import (
     validate,
 )
 from ecmnet_ros.runtime import (
+    ModelThread,
     ShutdownRequested,
     Spinner,
     declare_parameters,
@@ -66,7 +69,7 @@ from ecmnet_ros.runtime import (
     stop_on_signals,
 )
 from ecmnet_ros.stats import LatestSlot
-from ecmnet_ros.stream import WARN_PERIOD_S, Stream
+from ecmnet_ros.stream import WARN_PERIOD_S, Stream, take_ready
 from ecmnet_ros.topics import plan_streams
 
 #: Camera drivers publish reliable or best effort; a best-effort, depth-1 subscriber matches both and never queues.
@@ -75,6 +78,8 @@ IMAGE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=Rel
 #: Results are reliable (REP-2003); a reliable publisher also serves best-effort subscribers.
 RESULT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE,
                         durability=DurabilityPolicy.VOLATILE)
+# (rclpy writes QoS overrides into the profile object it is given: overridden entities get a copy, or one node's
+# override would become every later node's default in the process)
 DIAGNOSTICS_PERIOD_S = 1.0
 STOP_TIMEOUT_S = 30.0
 
@@ -96,6 +101,7 @@ class SegmenterNode(LifecycleNode):
         #: set by ``main`` when a signal asks the process to stop (a configure it interrupts is not an error)
         self.shutdown_requested = threading.Event()
         self._trim = TrimOnResize()  # freed memory back to the OS when input sizes change
+        self._model_thread = ModelThread(f"{node_name}-model")  # every configure on one thread (one OpenMP team)
         #: input decoding and output Images: cv_bridge where it converts correctly (ecmnet_ros.bridge)
         self.codec = ImageCodec()
         self._stopping = False
@@ -160,7 +166,7 @@ class SegmenterNode(LifecycleNode):
                 if not self.get_parameter("use_camera_info").value:
                     raise ValueError("paint_points needs camera_info: set use_camera_info to true")
                 transforms = transform_source(self, self.get_parameter_or("lidar_to_camera").value, len(plans))
-            segmenter = Segmenter(config)
+            segmenter = self._model_thread.run(Segmenter, config)
         except Exception as exc:  # bad checkpoint, unavailable device, bad topics: say why, stay unconfigured
             if self.shutdown_requested.is_set():  # a signal interrupted the load or warm-up: not an error
                 log.info("configure interrupted: shutting down")
@@ -197,7 +203,7 @@ class SegmenterNode(LifecycleNode):
                                    ("coverage", Float32MultiArray), ("coverage_stamped", DiagnosticArray),
                                    ("camera_info", CameraInfo)):
                 stream.publishers[name] = self.create_lifecycle_publisher(
-                    msg_type, plan.output(name), RESULT_QOS, qos_overriding_options=with_overrides)
+                    msg_type, plan.output(name), copy.copy(RESULT_QOS), qos_overriding_options=with_overrides)
             stream.labels_topic = stream.publishers["labels"].topic_name
             self.streams.append(stream)
         if transforms is not None:
@@ -216,7 +222,7 @@ class SegmenterNode(LifecycleNode):
             plan = stream.topics
             msg_type = CompressedImage if plan.compressed else Image
             stream.subscriptions.append(self.create_subscription(
-                msg_type, plan.image, lambda msg, s=stream: self._on_image(s, msg), IMAGE_QOS,
+                msg_type, plan.image, lambda msg, s=stream: self._on_image(s, msg), copy.copy(IMAGE_QOS),
                 callback_group=self._io_group, qos_overriding_options=with_overrides))
             if self.get_parameter("use_camera_info").value:
                 stream.subscriptions.append(self.create_subscription(
@@ -279,10 +285,13 @@ class SegmenterNode(LifecycleNode):
         if self.segmenter is not None:
             self.segmenter.release()
             self.segmenter = None
+            gc.collect()  # the model's graphs hold reference cycles: free them now, then hand the pages back
+            malloc_trim()
         self._configured = False
 
     def destroy_node(self) -> None:
         self._stop_worker()
+        self._model_thread.close()
         if self.segmenter is not None:
             self.segmenter.release()
             self.segmenter = None
@@ -321,20 +330,8 @@ class SegmenterNode(LifecycleNode):
         if worker.is_alive():
             self.get_logger().error(f"inference thread did not stop within {STOP_TIMEOUT_S:g} s")
 
-    def _next_batch(self) -> list[tuple[Stream, Any]] | None:
-        """Block until some camera has a frame it may process now (rate limit); None when stopping."""
-        with self._condition:
-            while not self._stopping:
-                now = time.monotonic()
-                ready = [s for s in self.streams if s.slot.peek() and s.next_due <= now]
-                if ready:
-                    return [(s, s.slot.take()) for s in ready]
-                waiting = [s.next_due - now for s in self.streams if s.slot.peek()]
-                self._condition.wait(min(waiting) if waiting else 0.5)
-        return None
-
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        while (batch := take_ready(self.streams, self._condition, lambda: self._stopping)) is not None:
             try:
                 self._process(batch)
             except Exception as exc:  # never let the worker die silently

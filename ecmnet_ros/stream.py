@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,3 +45,19 @@ class Stream:
         """True when the (lazy) output ``name`` has at least one subscriber."""
         pub = self.publishers.get(name)
         return pub is not None and pub.get_subscription_count() > 0
+
+
+def take_ready(streams: list[Stream], condition: threading.Condition,
+               stopping: Callable[[], bool]) -> list[tuple[Stream, Any]] | None:
+    """The node's worker: block on ``condition`` until some camera has a frame it may process now (its rate limit
+    allows it), then take the newest frame of every such camera; None once ``stopping()``."""
+    with condition:
+        while not stopping():
+            now = time.monotonic()
+            ready = [s for s in streams if s.slot.peek() and s.next_due <= now]
+            if ready:
+                return [(s, s.slot.take()) for s in ready]
+            waiting = [s.next_due - now for s in streams if s.slot.peek()]
+            condition.wait(min(waiting) if waiting else 0.5)
+    return None
+

@@ -210,3 +210,20 @@ def test_params_file_and_qos_overrides_apply(ros_context, spinner, probe, image_
     sub = node.streams[0].subscriptions[0]
     assert sub.qos_profile.reliability == ReliabilityPolicy.RELIABLE
     Rig(node, probe, image_msg).frame()
+
+
+def test_a_qos_override_stays_with_its_node(ros_context, spinner, segmenter_node, tmp_path):
+    """rclpy applies QoS overrides to the profile object it is handed: the node hands it a copy, so a reliable
+    override on one node does not become the default of the next node in the process."""
+    override = tmp_path / "qos.yaml"
+    override.write_text("/**:\n  ros__parameters:\n    qos_overrides:\n      /image:\n        subscription:\n"
+                        "          reliability: reliable\n")
+    first = SegmenterNode("first", context=ros_context, cli_args=["--ros-args", "--params-file", str(override)],
+                          parameter_overrides=[Parameter("model", value="baseline"),
+                                               Parameter("num_classes", value=4),
+                                               Parameter("input_size", value=[64, 96])])
+    spinner.add(first)
+    assert first.bring_up()
+    assert first.streams[0].subscriptions[0].qos_profile.reliability == ReliabilityPolicy.RELIABLE
+    second = segmenter_node("second")
+    assert second.streams[0].subscriptions[0].qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT

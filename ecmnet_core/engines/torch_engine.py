@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import linecache
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +48,31 @@ def capture(model: nn.Module, example: Tensor) -> nn.Module:
     """``model`` as a graph for ``example``'s shape: ``torch.export`` (strict=False, static shapes), run as the
     exported program's module. Gradients are off while capturing, so the inference kernels are recorded as their
     ``torch.ops.ecmnet.*`` custom ops (not the training kernels, which read raw data pointers)."""
+    before = set(_fx_sources())
     with torch.inference_mode(False), torch.no_grad():
         example = example.detach().clone()  # an inference tensor cannot enter export's functional tracing
         program = torch.export.export(model, (example,), strict=False)
     module = program.module()
     streamline(module)
+    # torch.fx keeps the source of every generated forward for tracebacks, for the life of the process: drop the
+    # ones of the intermediate graphs now and the module's own when it is freed, or every configure of a node
+    # would keep ~5 MB (lifecycle cleanup -> configure cycles)
+    live = {sub.forward.__code__.co_filename for sub in module.modules() if isinstance(sub, torch.fx.GraphModule)}
+    _forget_sources(set(_fx_sources()) - before - live)
+    weakref.finalize(module, _forget_sources, live)
     return module
+
+
+def _fx_sources() -> dict:
+    loader = getattr(torch.fx.graph_module, "_loader", None)  # private; absent in another torch: nothing to do
+    return getattr(loader, "eval_cache", None) or {}
+
+
+def _forget_sources(keys: set[str]) -> None:
+    cache = _fx_sources()
+    for key in keys:
+        cache.pop(key, None)
+        linecache.cache.pop(key, None)
 
 
 def streamline(module: nn.Module) -> int:
