@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from ecmnet_core.data.io import write_image
+from ecmnet_core.progress import Progress
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         bad.append(reason)
         print(f"predict: skipped: {reason}", file=sys.stderr)
     count, start, first_s = 0, time.perf_counter(), 0.0
-    progress = _Progress(len(inputs))
+    progress = Progress("predict", "image")
     try:
         for batch in _batches(iter_frames(inputs, skip), batch_size):
             probs: list[np.ndarray] | None = [] if args.save_confidence else None
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             if count == 0:  # the first batch also traces and warms the model up: timed on its own
                 first_s, start = time.perf_counter() - start, time.perf_counter()
             count += len(batch)
-            progress.update(count)
+            progress.update(len(batch))
     except (InputError, OSError) as exc:
         print(f"predict: {exc}", file=sys.stderr)
         return 2
@@ -190,27 +191,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Progress:
-    """A bar on a terminal; otherwise a line every 10 s, so a redirected long run still shows it is going on."""
-
-    def __init__(self, inputs: int) -> None:
-        self.bar = None
-        self.last = time.monotonic()
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(desc="predict", unit="img", file=sys.stderr, leave=False)
-        self.inputs = inputs
-
-    def update(self, count: int) -> None:
-        if self.bar is not None:
-            self.bar.n = count
-            self.bar.refresh()
-        elif time.monotonic() - self.last >= 10.0:
-            self.last = time.monotonic()
-            print(f"predict: {count} image(s) segmented so far ({self.inputs} input file(s))", file=sys.stderr,
-                  flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

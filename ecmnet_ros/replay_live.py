@@ -39,6 +39,7 @@ from ecmnet_core.bags.reader import COMPRESSED_IMAGE, BagError, BagMessage, BagR
 from ecmnet_core.bags.replay import frame_names
 from ecmnet_core.bags.report import FrameRecord, LabelBagWriter, ReplayReport
 from ecmnet_core.image_messages import ImageConversionError, check_message, image_to_array
+from ecmnet_core.progress import Progress
 from ecmnet_ros.runtime import Spinner, ros_context, stamp_ns
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ class LiveReplay:
         self._clock_hold: int | None = None  # bag time while paused (lock-step wait)
         self._clock_last: int | None = None  # the latest /clock value handed out
         self._writer: LabelBagWriter | None = None
+        self._progress = Progress("replay --live", "frame", enabled=False)
         self._to_write: list[tuple[int, int, str, np.ndarray]] = []
         self._write_pass = True
         self.unexpected_results = 0
@@ -426,11 +428,13 @@ class LiveReplay:
         self.report = self._new_report(names, palette, spawned)
         if cfg.output_bag:
             self._writer = LabelBagWriter(Path(cfg.output_bag), self.reader, cfg.output_label_topic)
+        self._progress = Progress("replay --live", "frame", cfg.max_frames)
         try:
             try:
                 self._play(player)
             except KeyboardInterrupt:
                 log.warning("interrupted: playback stopped, collecting the results of the frames sent so far")
+            self._progress.close()
             self._drain()
         except BaseException:
             if self._writer is not None:
@@ -529,6 +533,7 @@ class LiveReplay:
                         self._first_publish = publish_time
                 player.image_pub.publish(raw)
                 published += 1
+                self._progress.update()
                 first_t = msg.t_ns if first_t is None else first_t
                 last_t = msg.t_ns
             pass_no += 1

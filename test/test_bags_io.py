@@ -193,14 +193,51 @@ def test_unsupported_message_type(tmp_path: Path) -> None:
             reader.resolve_topics(None, "")
 
 
-@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
-def test_truncated_storage(tmp_path: Path, storage: str) -> None:
-    bag = _small_bag(tmp_path, storage)
-    db = next(p for p in bag.iterdir() if p.suffix in (".db3", ".mcap"))
+def test_truncated_sqlite_storage(tmp_path: Path) -> None:
+    bag = _small_bag(tmp_path, "sqlite3")
+    db = bag / "bag.db3"
     db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
     with pytest.raises(BagError, match="corrupt or truncated"):
         with BagReader(bag) as reader:
             list(reader.messages())
+
+
+@pytest.mark.parametrize("keep_metadata", [True, False])
+def test_truncated_mcap_is_read_up_to_the_cut(tmp_path: Path, keep_metadata: bool) -> None:
+    """An MCAP recording cut off at 90 % (no footer, no summary: rosbags cannot open it) is read up to the cut:
+    the complete messages before it, in order and exact, and the reader says where the file ends."""
+    frames = make_frames(6)
+    write_image_bag(frames, BagWriteConfig(out=tmp_path / "bag", storage="mcap", start_time=START))
+    whole = read_all(tmp_path / "bag")
+    mcap = next((tmp_path / "bag").glob("*.mcap"))
+    mcap.write_bytes(mcap.read_bytes()[: mcap.stat().st_size * 9 // 10])
+    if not keep_metadata:
+        (tmp_path / "bag" / "metadata.yaml").unlink()
+    with BagReader(tmp_path / "bag") as reader:
+        assert reader.truncation is not None and "ends early at byte" in reader.truncation
+        got = read_all(tmp_path / "bag")
+    images = got["/camera/image_raw"]
+    assert 3 <= len(images) < 6  # most frames survive the cut, the last ones do not
+    for (t, stamp, frame_id, img), (t0, stamp0, frame_id0, img0) in zip(images, whole["/camera/image_raw"]):
+        assert (t, stamp, frame_id) == (t0, stamp0, frame_id0)
+        np.testing.assert_array_equal(img, img0)
+    mcap.write_bytes(mcap.read_bytes()[:40])  # nothing complete left
+    with pytest.raises(BagError, match="nothing could be read"):
+        BagReader(tmp_path / "bag")
+
+
+def test_replay_of_a_truncated_mcap_evaluates_what_is_there(tmp_path: Path, capsys) -> None:
+    from ecmnet_core.cli import main as cli
+
+    write_image_bag(make_frames(6), BagWriteConfig(out=tmp_path / "bag", storage="mcap", start_time=START))
+    mcap = next((tmp_path / "bag").glob("*.mcap"))
+    mcap.write_bytes(mcap.read_bytes()[: mcap.stat().st_size * 9 // 10])
+    assert cli(["replay", "--offline", str(tmp_path / "bag"), "--model", "baseline", "--num-classes", "4",
+                "--input-size", "32", "48", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "note: bag truncated:" in captured.out and "ends early at byte" in captured.out
+    assert "warm-up before the first frame, not counted" in captured.out  # graph capture is not a frame's time
+    assert "Traceback" not in captured.err
 
 
 def test_garbage_storage_and_missing_paths(tmp_path: Path) -> None:

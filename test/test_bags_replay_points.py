@@ -82,13 +82,19 @@ def test_replay_cli_prints_point_shares_and_can_turn_painting_off(lidar_bag: Pat
     assert "painted points" not in capsys.readouterr().out
 
 
-def test_replay_needs_the_transform_for_a_foreign_cloud_topic(lidar_bag: Path, monkeypatch) -> None:
+def test_without_the_transform_the_images_are_evaluated_and_the_points_skipped(lidar_bag: Path, monkeypatch) -> None:
+    """A bag recorded on a robot (or whose metadata.yaml is lost) has no LiDAR -> camera transform: the images are
+    still evaluated and the report says why the clouds were not painted; asking for the points by name, or giving a
+    broken transform, is an error."""
     stored = BagReader.custom_data.fget
-    # a bag recorded on a robot has no make-bag metadata
     monkeypatch.setattr(BagReader, "custom_data", property(
         lambda self: {k: v for k, v in stored(self).items() if k != "lidar_to_camera"}))
     with BagReader(lidar_bag) as reader:
+        report = replay_offline(reader, random_segmenter())
+        assert report.points is None and len([f for f in report.frames if f.status == "ok"]) == FRAMES
+        assert any("points not painted" in n and "--lidar-to-camera" in n for n in report.notes)
+        assert "note: points not painted" in report.format_text()
         with pytest.raises(BagError, match="--lidar-to-camera"):
-            replay_offline(reader, random_segmenter())
+            replay_offline(reader, random_segmenter(), points_topic="/lidar/points")
         with pytest.raises(BagError, match="last row"):
             replay_offline(reader, random_segmenter(), lidar_to_camera=[1.0] * 16)

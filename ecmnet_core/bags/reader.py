@@ -126,11 +126,13 @@ class BagReader:
             log.warning("bag %s has no metadata.yaml (recording interrupted?); reading %s directly",
                         self.path, files[0].name)
             target = files[0]
+        #: where the storage file ends early and what was read before it (None: read whole)
+        self.truncation: str | None = None
         try:
             self._reader = Reader(target)
             self._reader.open()
         except Exception as exc:  # rosbags raises ReaderError, sqlite3/mcap/yaml errors, FileNotFoundError
-            raise BagError(f"bag {self.path} cannot be opened (corrupt or truncated storage?): {exc}") from exc
+            self._reader = self._salvage(target, exc)
         self.storage = "mcap" if _storage_suffix(target) == ".mcap" else "sqlite3"
         self.typestore = _typestore()
         topics: dict[str, TopicInfo] = {}
@@ -140,6 +142,22 @@ class BagReader:
         self.topics = topics
         #: reason -> number of messages skipped because they could not be deserialized or decoded
         self.skipped: Counter[str] = Counter()
+
+    def _salvage(self, target: Path, exc: Exception) -> Any:
+        """A truncated MCAP file read up to its cut (:mod:`ecmnet_core.bags.mcap_salvage`); BagError otherwise."""
+        from ecmnet_core.bags.mcap_salvage import SalvagedMcap, SalvageError
+
+        files = [target] if target.is_file() else sorted(target.glob("*.mcap"))
+        if len(files) == 1 and files[0].suffix == ".mcap":
+            try:
+                salvaged = SalvagedMcap(files[0])
+            except (SalvageError, OSError) as err:
+                raise BagError(f"bag {self.path} cannot be opened ({exc}) and nothing could be read from it: "
+                               f"{err}") from exc
+            self.truncation = salvaged.describe()
+            log.warning("bag %s: %s; %s", self.path, exc, self.truncation)
+            return salvaged
+        raise BagError(f"bag {self.path} cannot be opened (corrupt or truncated storage?): {exc}") from exc
 
     # -------------------------------------------------------------------------------------------- metadata
     @property

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +27,7 @@ from ecmnet_core.bags.points_replay import PointsReplay
 from ecmnet_core.bags.reader import BagError, BagMessage, BagReader, decode_image_message, decode_label_message
 from ecmnet_core.bags.report import FrameRecord, LabelBagWriter, ReplayReport
 from ecmnet_core.inference.pipeline import segment_images
+from ecmnet_core.progress import Progress
 
 if TYPE_CHECKING:
     from ecmnet_core.inference import Segmenter
@@ -96,12 +96,11 @@ def replay_offline(reader: BagReader, segmenter: Segmenter, *, image_topic: str 
     names, first_index = frame_names(reader, image.name, start_ns)
     report = _offline_report(reader, segmenter, image, label, start_offset)
     writer = LabelBagWriter(Path(output_bag), reader, output_label_topic) if output_bag else None
-    painter = PointsReplay.from_bag(reader, report.class_names, points_topic, lidar_to_camera)
-    report.points = painter
+    painter = report.points = _painter(reader, report, points_topic, lidar_to_camera)
     match = _Matcher(report, labelled=label is not None)
     seen_stamps: set[int] = set()
     index = first_index
-    bar = _progress(image.count if max_frames is None else min(image.count, max_frames), progress)
+    bar = Progress("replay", "frame", image.count if max_frames is None else min(image.count, max_frames), progress)
     topics = [image.name] + ([label.name] if label else []) + (painter.topics if painter else [])
     to_read = None if writer else topics  # the output bag copies every topic
     try:
@@ -179,6 +178,22 @@ def _predict(segmenter: Segmenter, picture: np.ndarray, record: FrameRecord) -> 
     return record, pred
 
 
+def _painter(reader: BagReader, report: ReplayReport, points_topic: str | None,
+             lidar_to_camera: Any) -> PointsReplay | None:
+    """The point painter of an offline replay, or None; a truncated bag and unpainted clouds go into the notes."""
+    if reader.truncation:
+        report.notes.append(f"bag truncated: {reader.truncation}")
+    try:
+        return PointsReplay.from_bag(reader, report.class_names, points_topic, lidar_to_camera)
+    except BagError as exc:
+        if points_topic or lidar_to_camera is not None:  # asked for: it is an error not to paint them
+            raise
+        # a cloud topic found by itself (e.g. a bag whose metadata.yaml with the transform is lost): evaluate the
+        # images and say why the points were not painted
+        report.notes.append(f"points not painted: {exc}")
+        return None
+
+
 def _offline_report(reader: BagReader, segmenter: Segmenter, image: Any, label: Any,
                     start_offset: float) -> ReplayReport:
     """An empty report for an offline replay of ``image`` (scored against ``label``, if any) in ``reader``."""
@@ -233,22 +248,6 @@ def _decode(reader: BagReader, msg: BagMessage, msgtype: str, fn: Any) -> np.nda
     except Exception as exc:  # one bad frame is skipped and counted, the replay goes on
         reader.skip(msg, f"undecodable {msgtype.rsplit('/', 1)[-1]} ({type(exc).__name__})", exc)
         return None
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="frame", file=sys.stderr, disable=not sys.stderr.isatty())
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -318,6 +317,7 @@ def build_segmenter(args: argparse.Namespace, bag_classes: int | None = None) ->
         raise SystemExit(f"replay: {exc}") from None
     if segmenter.random_weights:
         log.warning("RANDOM WEIGHTS: model %s has no checkpoint; accuracy figures are meaningless", args.model)
+    segmenter.warm_up()  # graph capture and first-call costs before the first frame: not in the frame timings
     return segmenter
 
 

@@ -86,6 +86,8 @@ class ReplayReport:
         self.labelled_pixels = 0
         self.extra: dict[str, Any] = {}
         self.points: Any = None  # offline point painting (PointsReplay: summary(), format_text())
+        #: what the replay could not do and why (a truncated bag, clouds left unpainted), one line each
+        self.notes: list[str] = []
 
     # ------------------------------------------------------------------------------------------ filling
     def add_frame(self, record: FrameRecord, pred: np.ndarray | None = None, gt: np.ndarray | None = None) -> None:
@@ -156,6 +158,7 @@ class ReplayReport:
             "coverage_mean": {n: _num(v) for n, v in zip(self.class_names, mean_cov)},
             **({"live": self.extra} if self.extra else {}),
             **({"points": self.points.summary()} if self.points is not None else {}),
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
     def format_text(self) -> str:
@@ -174,7 +177,9 @@ class ReplayReport:
             return "n/a" if not d["count"] else f"p50 {d['p50']:.1f} ms, p95 {d['p95']:.1f} ms, max {d['max']:.1f} ms"
 
         if tim["inference_ms"]["count"] or not tim["latency_ms"]["count"]:
-            lines.append(f"inference: {ms(tim['inference_ms'])}")
+            warm = float(self.segmenter.get("warmup_s") or 0.0)
+            lines.append(f"inference: {ms(tim['inference_ms'])}" + (
+                f" (after a {warm:.1f} s warm-up before the first frame, not counted)" if warm else ""))
         if tim["latency_ms"]["count"]:
             lines.append(f"end-to-end latency: {ms(tim['latency_ms'])}")
         if self.extra:
@@ -184,6 +189,7 @@ class ReplayReport:
                                               else f"{k} {self.extra[k]}" for k in keys if k in self.extra))
         if self.points is not None:
             lines.append(self.points.format_text())
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------------------------ files

@@ -123,10 +123,22 @@ class Segmenter:
         self.scan_backend = self.engine.scan_backend
         self._runner = SegmenterRunner(self)
         self._bgr_lut = bgr_lut(self.palette)  # 255 (and unknown ids) stay black
-        if config.warmup and self.input_size is not None:
-            dummy = np.zeros((*self.input_size, 3), np.uint8)
-            for _ in range(config.warmup):
-                self.segment(dummy)
+        #: seconds the warm-up took (graph capture, kernel builds, first allocations); 0 before one ran
+        self.warmup_s = 0.0
+        self.warm_up(config.warmup)
+
+    def warm_up(self, runs: int = 1) -> float:
+        """Segment ``runs`` black frames at the network size, so that the first real frame is not the one paying
+        for graph capture and first-call costs; returns (and keeps in ``warmup_s``) the seconds it took. Nothing to
+        do at the native input size (no fixed size; the engine runs eagerly there)."""
+        if runs < 1 or self.input_size is None:
+            return 0.0
+        start = time.perf_counter()
+        dummy = np.zeros((*self.input_size, 3), np.uint8)
+        for _ in range(runs):
+            self.segment(dummy)
+        self.warmup_s = time.perf_counter() - start
+        return self.warmup_s
 
     # ------------------------------------------------------------------------------------------------ loading
     def _engine(self, config: InferenceConfig, ckpt: Checkpoint) -> TorchEngine | OnnxRuntimeEngine:
@@ -264,6 +276,7 @@ class Segmenter:
             **self.engine.describe(),
             "input_size": "native" if self.input_size is None else f"{self.input_size[0]}x{self.input_size[1]}",
             "classes": str(self.num_classes),
+            "warmup_s": f"{self.warmup_s:.2f}",
         }
 
     def park(self) -> None:
