@@ -1,8 +1,13 @@
-"""``ecmnet-core`` / ``python -m ecmnet_core``: one entry point, one module per sub-command.
+"""ecmnet-core (or python -m ecmnet_core): one entry point, one module per sub-command.
 
 Each command module defines ``add_arguments(parser)`` and ``run(args) -> int`` (and may define
 ``legacy_argv(argv)`` to accept spellings of earlier releases); modules are imported only when their command runs,
 so ``--help`` stays fast.
+
+Exit status, the same for every command: 0 done; 2 bad input or usage (the message names the file, argument or
+value to fix; argparse's own errors are 2 as well); 1 a failure while running on good input (training diverged, a
+check that found a mismatch). A bad input a command can skip (an unreadable image among many) is reported and
+counted, the rest is done, and the status is 2. Warnings are one line each: ``<command>: warning: <message>``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 #: command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,7 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(module, "legacy_argv"):
         argv = module.legacy_argv(argv)
     args = build_parser(load=command).parse_args(argv)
-    return int(module.run(args) or 0)
+    warnings.showwarning = _one_line(command)
+    try:
+        return int(module.run(args) or 0)
+    except SystemExit as exc:  # commands stop on bad input with SystemExit("<command>: <what is wrong>")
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        raise
+
+
+def _one_line(command: str):
+    """``warnings.showwarning`` for the command line: the message, no source line, no file path."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{command}: warning: {message}", file=file or sys.stderr)
+
+    return show
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or (8 if segmenter.device.type == "cuda" else 1)
     desc = segmenter.describe()
     print(f"checkpoint {desc['checkpoint']} ({desc['checkpoint_hash']}), model {desc['model']}, "
-          f"input {desc['input_size']}, device {desc['device']}, {len(inputs)} input(s) -> {out}", file=sys.stderr)
+          f"input {desc['input_size']}, device {desc['device']}, {len(inputs)} image/video file(s) from "
+          f"{len(args.inputs)} argument(s) -> {out}", file=sys.stderr)
     used: set[str] = set()
     bad: list[str] = []
 
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{count} image(s) segmented ({rate}; the first batch, with the model's warm-up, took {first_s:.1f} s), "
           f"written to {out}")
     if bad:
-        print(f"predict: {len(bad)} input(s) could not be read and were skipped (listed above)", file=sys.stderr)
+        print(f"predict: {len(bad)} file(s) could not be read and were skipped (listed above)", file=sys.stderr)
         return 2  # bad input, as for every command
     return 0
 

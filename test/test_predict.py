@@ -89,5 +89,5 @@ def test_a_truncated_image_listed_first_is_skipped_and_the_rest_segmented(inputs
     assert main(["predict", str(truncated), *map(str, good), "--out", str(out), "--checkpoint", str(ckpt),
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "skipped" in err and "truncated.png" in err and "1 input(s) could not be read" in err
+    assert "skipped" in err and "truncated.png" in err and "1 file(s) could not be read" in err
     assert sorted(p.name for p in out.glob("*_labels.png")) == [f"{g.stem}_labels.png" for g in good]

@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         val = result.last_val or {}
         last = (f"{100 * val['miou']:.2f}% (framework {100 * val['miou_framework']:.2f}%)"
                 if val.get("miou") is not None else "n/a")
-        print(f"run {run_dir}: {result.epochs_done} epochs, {result.iterations} iterations, stopped: {result.stopped}")
+        print(f"run {run_dir}: {result.iterations} iterations ({result.epochs_done} complete epochs), stopped: "
+              f"{result.stopped}")
         print(f"last val mIoU {last}, best {best}; wall time {result.wall_time_s:.0f} s this session")
         print(f"checkpoints: {run_dir / 'last.pt'}" + (f", {run_dir / 'best.pt'}" if result.best_miou >= 0 else ""))
     if result.stopped == "signal":

@@ -33,12 +33,12 @@ def run(args: argparse.Namespace) -> int:
     for item in args.note:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --note {item!r} is not KEY=VALUE")
+            raise SystemExit(f"release: --note {item!r} is not KEY=VALUE")
         notes[key] = value
     try:
         path = release_checkpoint(args.src, args.dst, notes)
     except CheckpointError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+        raise SystemExit(f"release: {exc}") from exc
     ckpt = load_checkpoint(path)
     print(json.dumps({"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
                       "model": ckpt.model_config.name, "classes": ckpt.num_classes,

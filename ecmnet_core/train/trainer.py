@@ -95,6 +95,7 @@ class Trainer:
         self.tensorboard = tensorboard
         self.plots = plots
         self._stop_signal: int | None = None
+        self._handler_pid = os.getpid()
         c, d = config.train, config.data
         if not d.root:
             raise ValueError("training needs a dataset: set data.root (--data ROOT)")
@@ -434,6 +435,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- loop
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._handler_pid:
+            return  # a forked data-loader worker (Ctrl-C reaches the whole process group): the trainer handles it
         if self._stop_signal is not None:  # second Ctrl-C: stop now
             raise KeyboardInterrupt
         self._stop_signal = signum
@@ -472,6 +475,7 @@ class Trainer:
         old_handlers = {}
         if _in_main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
+                self._handler_pid = os.getpid()
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
         stopped = "done"
         segment_start = time.perf_counter()
@@ -507,7 +511,7 @@ class Trainer:
         else:
             resumed = f", warm start from {self.init_source}" if self.init_source else ""
         params = sum(p.numel() for p in self.model.parameters())
-        print(f"train {c.model.name} ({params:,} params) on {self.info.name} {self.kind} {d.root}: "
+        print(f"train {c.model.name} ({params:,} params) on {_dataset_label(self.info.name, self.kind)} {d.root}: "
               f"{len(self.train_samples)} train / {len(self.val_samples)} val images, crop {d.crop[0]}x{d.crop[1]}, "
               f"base scale {d.base_scale}, val scale {d.val_scale} (network size "
               f"{self.input_size[0]}x{self.input_size[1]})", file=sys.stderr)
@@ -808,3 +812,9 @@ def _tuples_to_lists(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_tuples_to_lists(v) for v in value]
     return value
+
+
+def _dataset_label(name: str, kind: str) -> str:
+    """"camvid", or "camvid (shards)" when the layout is not the dataset's own name (not "camvid camvid")."""
+    return name if kind in (name, "auto") else f"{name} ({kind})"
+
