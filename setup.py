@@ -30,7 +30,7 @@ setup(
     packages=find_namespace_packages(include=["ecmnet_core", "ecmnet_core.*", "ecmnet_ros", "ecmnet_ros.*"],
                                      exclude=["*.__pycache__"]),
     package_data={"ecmnet_core.weights": ["*.pt"], "ecmnet_core.configs": ["*.yaml"],
-                  "ecmnet_core.ops.csrc": ["*.cpp", "*.h"]},
+                  "ecmnet_core.ops.csrc": ["*.cpp", "*.h"], "ecmnet_ros": ["*.xml"]},
     include_package_data=True,
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),

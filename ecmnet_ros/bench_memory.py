@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint for the node (default: the packaged CamVid model)")
     p.add_argument("--model", help="variant with RANDOM weights instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", choices=("mixed", "wrong-step"), default="mixed",
+                   help="mixed: valid frames of random sizes and encodings with --bad malformed ones (default); "
+                        "wrong-step: every frame has a wrong step (0, 1, row-1, row/2, row+3, 2^31, 2^32-1) and up "
+                        "to ~150 MB of data, all rejected by the node")
+    p.add_argument("--reliable-depth", type=int, default=0, metavar="N",
+                   help="override the node's image subscription to reliable, keep-last N (0: the node's default "
+                        "best-effort depth 1)")
     p.add_argument("--cycles", type=int, default=0, metavar="N",
                    help="measure N lifecycle cleanup/configure cycles with frames flowing instead of the stream")
     p.add_argument("--domain", type=int, help="ROS_DOMAIN_ID (default: from the pid)")
@@ -92,6 +99,22 @@ class FrameMaker:
         # one random pool that every frame's data is cut from (random bytes per frame would cost more than the node)
         self.pool = self.rng.integers(0, 256, self.max_h * self.max_w * 8 * 3 // 2 + 64, dtype=np.uint8).tobytes()
 
+    def wrong_step(self, stamp_ns: int) -> Any:
+        """A bgr8 frame whose step is wrong, with up to ~150 MB of data (log-uniform): rejected, but received."""
+        from sensor_msgs.msg import Image
+
+        from ecmnet_ros.runtime import make_header
+
+        rng = self.rng
+        h = int(np.exp(rng.uniform(0, np.log(self.max_h))))
+        w = int(np.exp(rng.uniform(0, np.log(self.max_w))))
+        row = 3 * w
+        step = int(rng.choice([0, 1, max(row - 1, 0), row // 2, row + 3, 2 ** 31, 2 ** 32 - 1]))
+        length = min(int(np.exp(rng.uniform(np.log(1024), np.log(150 * MIB)))), len(self.pool))
+        msg = Image(header=make_header(stamp_ns), height=h, width=w, encoding="bgr8", step=step)
+        msg.data = self.pool[:length]
+        return msg
+
     def __call__(self, stamp_ns: int) -> tuple[Any, bool]:
         from sensor_msgs.msg import Image
 
@@ -131,6 +154,15 @@ class FrameMaker:
         return msg, valid
 
 
+def _publisher_qos(reliable_depth: int) -> Any:
+    """Sensor-data QoS, or reliable keep-last ``reliable_depth`` to feed a reliable subscription at full depth."""
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+
+    if not reliable_depth:
+        return qos_profile_sensor_data
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=reliable_depth, reliability=ReliabilityPolicy.RELIABLE)
+
+
 def _start_node(args: argparse.Namespace) -> tuple[subprocess.Popen, list[str]]:
     """The segmenter node as its own process in namespace /mem (stderr collected into the returned list)."""
     from ecmnet_ros.runtime import isolate_discovery
@@ -141,6 +173,10 @@ def _start_node(args: argparse.Namespace) -> tuple[subprocess.Popen, list[str]]:
         params += ["-p", f"checkpoint:={args.checkpoint}"]
     if args.model:
         params += ["-p", f"model:={args.model}"]
+    if getattr(args, "reliable_depth", 0):
+        key = "qos_overrides./mem/image.subscription"
+        params += ["-p", f"{key}.reliability:=reliable", "-p", f"{key}.history:=keep_last",
+                   "-p", f"{key}.depth:={args.reliable_depth}"]
     node_cmd = [sys.executable, "-m", "ecmnet_ros.segmenter", "--ros-args", "-r", "__ns:=/mem", *params]
     proc = subprocess.Popen(node_cmd, env=dict(os.environ, ROS_DOMAIN_ID=str(domain)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -223,7 +259,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import psutil
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.node import Node
-    from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
     from ecmnet_ros.runtime import Spinner, TopicCollector, ros_context, wait_for
@@ -236,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             probe = spinner.add(Node("bench_memory", context=context))
             labels = TopicCollector(probe, Image, "/mem/segmenter/labels", qos=10)
             diags = TopicCollector(probe, DiagnosticArray, "/diagnostics", qos=10)
-            pub = probe.create_publisher(Image, "/mem/image", qos_profile_sensor_data)
+            pub = probe.create_publisher(Image, "/mem/image", _publisher_qos(args.reliable_depth))
             if not wait_for(lambda: "active: segmenting" in "".join(stderr_tail) or proc.poll() is not None, 300):
                 raise RuntimeError("the node did not come up within 300 s")
             if proc.poll() is not None:
@@ -246,10 +281,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             marks["start"] = _rss_bytes(proc.pid)[0]
             period, t0, valid_sent = 1.0 / args.rate, time.monotonic(), 0
             checkpoints: dict[int, list[str]] = {}
-            for frame, name in ((min(200, args.frames), "frame_200"), (args.frames // 2, "middle")):
+            one_minute = max(1, min(int(60 * args.rate), args.frames))
+            for frame, name in ((min(200, args.frames), "frame_200"), (one_minute, "one_minute"),
+                                (args.frames // 2, "middle")):
                 checkpoints.setdefault(frame, []).append(name)
             for i in range(1, args.frames + 1):
-                msg, valid = make(i)
+                msg, valid = (make.wrong_step(i), False) if args.stream == "wrong-step" else make(i)
                 valid_sent += valid
                 pub.publish(msg)
                 for name in checkpoints.get(i, ()):
@@ -273,11 +310,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         _stop_node(proc)
     growth = 100.0 * (marks["end"] - marks["frame_200"]) / marks["frame_200"]
+    growth_minute = 100.0 * (marks["end"] - marks["one_minute"]) / marks["one_minute"]
     return {
         "frames": args.frames, "publish_rate_hz": args.frames / elapsed, "valid_frames_sent": valid_sent,
         "frames_answered": answered, "bad_messages_counted": bad_counted, "node_exit_code": proc.returncode,
         "rss_mib": {k: v / MIB for k, v in marks.items()}, "peak_rss_mib": peak / MIB,
-        "growth_200_to_end_pct": growth, "target_pct": TARGET_GROWTH_PCT, "meets_target": growth <= TARGET_GROWTH_PCT,
+        "growth_200_to_end_pct": growth, "growth_1min_to_end_pct": growth_minute, "stream": args.stream,
+        "reliable_depth": args.reliable_depth, "target_pct": TARGET_GROWTH_PCT,
+        "meets_target": growth <= TARGET_GROWTH_PCT,
         "node_cpu_s": cpu.user + cpu.system,
     }
 
@@ -305,8 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         r = result["rss_mib"]
-        print(f"node RSS: start {r['start']:.0f} MiB, after frame 200 {r['frame_200']:.0f} MiB, middle "
+        print(f"node RSS: start {r['start']:.0f} MiB, after frame 200 {r['frame_200']:.0f} MiB, after 1 minute "
+              f"{r['one_minute']:.0f} MiB, middle "
               f"{r['middle']:.0f} MiB, end {r['end']:.0f} MiB, peak {result['peak_rss_mib']:.0f} MiB")
+        print(f"{result['stream']} stream, image QoS "
+              f"{'reliable depth ' + str(result['reliable_depth']) if result['reliable_depth'] else 'default'}: "
+              f"growth from 1 minute to the end {result['growth_1min_to_end_pct']:+.1f} %")
         print(f"growth from frame 200 to the end: {result['growth_200_to_end_pct']:+.1f} % (target <= "
               f"+{TARGET_GROWTH_PCT:.0f} %: {'met' if result['meets_target'] else 'NOT met'})")
         print(f"{result['frames']} frames at {result['publish_rate_hz']:.1f} Hz ({result['valid_frames_sent']} valid): "

@@ -11,8 +11,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import rclpy
@@ -24,6 +25,24 @@ from rclpy.node import Node
 from std_msgs.msg import Header
 
 from ecmnet_ros.params import DOUBLE, INTEGER, STARTUP, ParamSpec
+
+#: Fast DDS profile of the node: history memory allocated per sample and freed with it (see the file's comment).
+FASTDDS_PROFILE = Path(__file__).with_name("fastdds_profile.xml")
+FASTRTPS_IMPLEMENTATIONS = ("rmw_fastrtps_cpp", "rmw_fastrtps_dynamic_cpp")
+
+
+def bounded_middleware_memory(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Before ``rclpy.init``: give Fast DDS :data:`FASTDDS_PROFILE` (with ``RMW_FASTRTPS_USE_QOS_FROM_XML=1``, the
+    setting that lets a profile's memory policy through) unless the user configured Fast DDS already, or another
+    middleware is chosen. Returns a line for the log, None when nothing applies."""
+    if environ.get("RMW_IMPLEMENTATION", FASTRTPS_IMPLEMENTATIONS[0]) not in FASTRTPS_IMPLEMENTATIONS:
+        return None
+    for var in ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE", "RMW_FASTRTPS_USE_QOS_FROM_XML"):
+        if environ.get(var):
+            return f"Fast DDS configured by ${var}={environ[var]}: the node's bounded-memory profile is not applied"
+    environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(FASTDDS_PROFILE)
+    environ["RMW_FASTRTPS_USE_QOS_FROM_XML"] = "1"
+    return f"Fast DDS history memory freed with each sample ({FASTDDS_PROFILE.name})"
 
 
 def isolate_discovery(domain_id: int | None = None) -> int:

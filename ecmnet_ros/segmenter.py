@@ -62,6 +62,7 @@ from ecmnet_ros.runtime import (
     ModelThread,
     ShutdownRequested,
     Spinner,
+    bounded_middleware_memory,
     declare_parameters,
     set_read_only_parameter,
     stamp_ns,
@@ -435,6 +436,7 @@ def main(args: list[str] | None = None) -> int:
     """
     # fewer malloc heaps for the many DDS/executor/OpenMP threads to fragment (python -m ecmnet_ros.bench_memory)
     limit_arenas(4)
+    middleware_note = bounded_middleware_memory()  # before the middleware starts: it reads the environment once
     try:
         rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
         node = SegmenterNode()
@@ -442,6 +444,8 @@ def main(args: list[str] | None = None) -> int:
         print(f"segmenter: {startup_error(exc)}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
+    if middleware_note:
+        node.get_logger().info(middleware_note)
     stop, interruptible = threading.Event(), threading.Event()
     code = 0
     with stop_on_signals(stop, interruptible) as received:

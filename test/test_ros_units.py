@@ -142,3 +142,23 @@ def test_heap_is_trimmed_after_input_size_changes_only(monkeypatch):
     clock[0] += 10.0
     trim(((720, 960, 3),))
     assert len(trims) == 2
+
+
+def test_the_node_bounds_middleware_memory_unless_fast_dds_is_configured():
+    """main() points Fast DDS at the packaged profile (history memory freed with each sample; a stream of huge
+    rejected frames took a reliable depth-500 subscription to 6.7 GB without it, ``python -m
+    ecmnet_ros.bench_memory --stream wrong-step --reliable-depth 500``), and leaves a user's own setup alone."""
+    import xml.etree.ElementTree as ET
+
+    from ecmnet_ros.runtime import FASTDDS_PROFILE, bounded_middleware_memory
+
+    env: dict[str, str] = {}
+    assert "freed with each sample" in bounded_middleware_memory(env)
+    assert env == {"FASTDDS_DEFAULT_PROFILES_FILE": str(FASTDDS_PROFILE), "RMW_FASTRTPS_USE_QOS_FROM_XML": "1"}
+    policies = [e.text for e in ET.parse(FASTDDS_PROFILE).iter("{http://www.eprosima.com}historyMemoryPolicy")]
+    assert policies == ["DYNAMIC", "DYNAMIC"]
+    mine = {"FASTDDS_DEFAULT_PROFILES_FILE": "/etc/my_dds.xml"}
+    assert "not applied" in bounded_middleware_memory(mine) and mine == {"FASTDDS_DEFAULT_PROFILES_FILE":
+                                                                        "/etc/my_dds.xml"}
+    other = {"RMW_IMPLEMENTATION": "rmw_cyclonedds_cpp"}
+    assert bounded_middleware_memory(other) is None and len(other) == 1
