@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # commands stop on bad input with SystemExit("<command>: <what is wrong>")
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
-            return 2
+            exc.code = 2  # the exit status of bad input (Python's default for a message is 1)
         raise
 
 

@@ -17,8 +17,12 @@ Every failure raises :class:`ImageConversionError` whose ``kind`` names the prob
 
 from __future__ import annotations
 
+import os
+import re
 import struct
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,6 +237,7 @@ def check_compressed(msg: Any, max_pixels: int | None = None) -> tuple[int, int]
         # rejected here, on arrival, so that garbage is counted as bad and not as a stale frame the slot dropped
         raise ImageConversionError("decode", f"CompressedImage (format {msg.format!r}, {_buffer_len(msg.data)} "
                                              "bytes) is not an image stream: no JPEG, PNG, BMP, TIFF or WebP header")
+    _check_stream_end(view, msg.format)
     if dims is not None:
         height, width = dims
         if height == 0 or width == 0:
@@ -243,13 +248,66 @@ def check_compressed(msg: Any, max_pixels: int | None = None) -> tuple[int, int]
     return dims
 
 
+#: How far from the end a stream's end marker may sit (encoders and cameras may pad or append a few bytes).
+_END_WINDOW = 256
+
+
+def _check_stream_end(view: memoryview, fmt: str) -> None:
+    """A JPEG without its end-of-image marker or a PNG without its IEND chunk near the end was cut short: rejected
+    on arrival (counted as bad, not as a stale frame the newest-frame slot replaced before decoding it)."""
+    head, tail = bytes(view[:8]), bytes(view[-_END_WINDOW:])
+    if head.startswith(b"\xff\xd8") and b"\xff\xd9" not in tail:
+        raise ImageConversionError("decode", f"JPEG CompressedImage (format {fmt!r}, {len(view)} bytes) is cut "
+                                             "short: no end-of-image marker")
+    if head.startswith(b"\x89PNG") and b"IEND" not in tail:
+        raise ImageConversionError("decode", f"PNG CompressedImage (format {fmt!r}, {len(view)} bytes) is cut "
+                                             "short: no IEND chunk")
+
+
+_DECODE_LOCK = threading.Lock()
+#: Lines the image libraries print on their own (libpng's errors and warnings, libjpeg's warnings).
+_LIBRARY_LINE = re.compile(r"^(libpng (error|warning)|Corrupt JPEG data|Premature end of JPEG|Invalid JPEG|"
+                           r"Unsupported marker|Bogus |JPEG datastream)")
+
+
+def decode_quietly(buffer: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """``cv2.imdecode(buffer, IMREAD_UNCHANGED)`` and what libpng/libjpeg said about it: (image or None, their
+    lines joined by "; ").
+
+    The libraries write to the process's stderr directly, a line per broken frame that no throttle can reach; here
+    it is captured (file descriptor 2 points at a temporary file while the decoder runs) so that callers can put it
+    into their own, throttled, report. Anything else written to stderr in that window (another thread's log line)
+    is written back right after."""
+    with _DECODE_LOCK:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr to redirect
+            return cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED), ""
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace")
+    lines = text.splitlines(keepends=True)
+    library = [line.strip() for line in lines if _LIBRARY_LINE.match(line)]
+    other = "".join(line for line in lines if not _LIBRARY_LINE.match(line))
+    if other:
+        os.write(2, other.encode())
+    return image, "; ".join(library)
+
+
 def compressed_to_bgr8(msg: Any, max_pixels: int | None = None) -> np.ndarray:
     """``sensor_msgs/CompressedImage`` (JPEG, PNG, anything cv2 reads) -> HxWx3 BGR or HxW uint8."""
     check_compressed(msg, max_pixels)
-    image = cv2.imdecode(np.frombuffer(msg.data, np.uint8), cv2.IMREAD_UNCHANGED)
+    image, library = decode_quietly(np.frombuffer(msg.data, np.uint8))
     if image is None or image.size == 0:
         raise ImageConversionError("decode", f"cannot decode CompressedImage (format {msg.format!r}, "
-                                             f"{_buffer_len(msg.data)} bytes): corrupt or unsupported codec")
+                                             f"{_buffer_len(msg.data)} bytes): corrupt or unsupported codec"
+                                             + (f" ({library})" if library else ""))
     if max_pixels is not None and image.shape[0] * image.shape[1] > max_pixels:
         raise ImageConversionError("too_large", f"compressed image {image.shape[1]}x{image.shape[0]} is above the "
                                                 f"max_image_pixels limit {max_pixels}")

@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ])
 def test_bad_input_exits_2_with_the_command_named(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert cli(argv) == 2
+    with pytest.raises(SystemExit) as stopped:
+        cli(argv)
+    assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

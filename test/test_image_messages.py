@@ -258,3 +258,28 @@ def test_compressed_garbage_is_rejected_on_arrival_as_undecodable():
     assert err.value.kind == "decode" and "not an image stream" in str(err.value)
     for good in (array_to_compressed(BGR, "jpeg"), array_to_compressed(BGR, "png")):
         assert check_compressed(good) == BGR.shape[:2]
+
+
+def test_library_messages_go_into_the_error_not_onto_stderr(capfd):
+    """libpng prints its own line to stderr for every broken frame (no throttle reaches it): the decoder captures it
+    into the error the node throttles, and leaves other stderr output alone."""
+    import os
+    from types import SimpleNamespace
+
+    import cv2
+
+    from ecmnet_core.image_messages import ImageConversionError, check_compressed, compressed_to_bgr8, decode_quietly
+
+    ok, png = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    damaged = bytearray(png.tobytes())
+    damaged[200:260] = bytes(b ^ 0x55 for b in damaged[200:260])  # inside the image data: a CRC error
+    with pytest.raises(ImageConversionError, match=r"corrupt or unsupported codec \(libpng error: IDAT: CRC error\)"):
+        compressed_to_bgr8(SimpleNamespace(format="png", data=bytes(damaged)))
+    # cut short: found on arrival from the missing IEND chunk, before any decoder runs
+    with pytest.raises(ImageConversionError, match="cut short: no IEND chunk"):
+        check_compressed(SimpleNamespace(format="png", data=png[: len(png) // 2].tobytes()))
+    image, said = decode_quietly(png)
+    assert image is not None and image.shape == (64, 96, 3) and said == ""
+    os.write(2, b"a line of our own\n")
+    err = capfd.readouterr().err
+    assert "libpng" not in err and "a line of our own" in err

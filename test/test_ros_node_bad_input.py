@@ -63,7 +63,7 @@ def test_each_bad_message_warns_counts_and_node_survives(segmenter_node, probe, 
         (raw, bad_image(data=bytes(100)), "length", "data length 100 != step x height"),
         (raw, image_msg(np.zeros((65, 96, 3), np.uint8), "bgr8", 1), "too_large", "max_image_pixels limit 6144"),
         (jpg, CompressedImage(header=make_header(1), format="jpeg", data=b"\xff\xd8\xff\xe0" + bytes(64)),
-         "decode", "cannot decode CompressedImage"),
+         "decode", "cut short: no end-of-image marker"),  # rejected on arrival
         (jpg, CompressedImage(header=make_header(1), format="jpeg", data=b""), "size", "empty CompressedImage"),
     ]
     expected: dict[tuple[str, str], int] = {}
