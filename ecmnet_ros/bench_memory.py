@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint for the node (default: the packaged CamVid model)")
     p.add_argument("--model", help="variant with RANDOM weights instead of a checkpoint")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stream", choices=("mixed", "wrong-step"), default="mixed",
+    p.add_argument("--stream", choices=("mixed", "wrong-step", "fixed"), default="mixed",
                    help="mixed: valid frames of random sizes and encodings with --bad malformed ones (default); "
+                        "fixed: valid bgr8 frames of --max-size only (the flat reference); "
                         "wrong-step: every frame has a wrong step (0, 1, row-1, row/2, row+3, 2^31, 2^32-1) and up "
                         "to ~150 MB of data, all rejected by the node")
     p.add_argument("--reliable-depth", type=int, default=0, metavar="N",
@@ -98,6 +99,17 @@ class FrameMaker:
         self.bad = bad
         # one random pool that every frame's data is cut from (random bytes per frame would cost more than the node)
         self.pool = self.rng.integers(0, 256, self.max_h * self.max_w * 8 * 3 // 2 + 64, dtype=np.uint8).tobytes()
+
+    def fixed(self, stamp_ns: int) -> Any:
+        """A valid bgr8 frame of the largest size."""
+        from sensor_msgs.msg import Image
+
+        from ecmnet_ros.runtime import make_header
+
+        msg = Image(header=make_header(stamp_ns), height=self.max_h, width=self.max_w, encoding="bgr8",
+                    step=3 * self.max_w)
+        msg.data = self.pool[:3 * self.max_w * self.max_h]
+        return msg
 
     def wrong_step(self, stamp_ns: int) -> Any:
         """A bgr8 frame whose step is wrong, with up to ~150 MB of data (log-uniform): rejected, but received."""
@@ -286,7 +298,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 (args.frames // 2, "middle")):
                 checkpoints.setdefault(frame, []).append(name)
             for i in range(1, args.frames + 1):
-                msg, valid = (make.wrong_step(i), False) if args.stream == "wrong-step" else make(i)
+                msg, valid = (make.wrong_step(i), False) if args.stream == "wrong-step" else \
+                    (make.fixed(i), True) if args.stream == "fixed" else make(i)
                 valid_sent += valid
                 pub.publish(msg)
                 for name in checkpoints.get(i, ()):
