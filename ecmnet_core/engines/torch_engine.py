@@ -6,8 +6,9 @@
 * fp16/bf16 autocast on CUDA (the selective scan itself always runs in fp32);
 * on the CPU one graph per input size captured with ``torch.export`` (``jit``, default): the same ops without the
   Python overhead of ~1,500 module calls per frame (the compiled kernels are recorded as the custom ops
-  ``torch.ops.ecmnet.*``), run as the exported program's module; as fast as the TorchScript trace it replaced
-  (``torch.jit.trace`` is deprecated) and bit for bit the eager model's output;
+  ``torch.ops.ecmnet.*``), run as the exported program's module (:func:`streamline` trims its Python cost); bit for
+  bit the eager model's output, about 8 % slower than the deprecated ``torch.jit.trace`` it replaced (Python runs
+  the exported module, TorchScript's interpreter is C++; README § Performance);
 * optional ``torch.compile`` (inductor; minutes of compilation on a small CPU, cached on disk by inductor);
 * optional CUDA graphs: one captured graph per input shape, replayed with a static input buffer.
 """
