@@ -6,9 +6,9 @@
 * fp16/bf16 autocast on CUDA (the selective scan itself always runs in fp32);
 * on the CPU one graph per input size captured with ``torch.export`` (``jit``, default): the same ops without the
   Python overhead of ~1,500 module calls per frame (the compiled kernels are recorded as the custom ops
-  ``torch.ops.ecmnet.*``), run as the exported program's module (:func:`streamline` trims its Python cost); bit for
-  bit the eager model's output, about 8 % slower than the deprecated ``torch.jit.trace`` it replaced (Python runs
-  the exported module, TorchScript's interpreter is C++; README § Performance);
+  ``torch.ops.ecmnet.*``), run as the exported program's module, whose Python cost :func:`streamline` trims (direct
+  C bindings and kernel calls, no dispatcher round trips); bit for bit the eager model's output, as fast as the
+  deprecated ``torch.jit.trace`` it replaced (README § Performance);
 * optional ``torch.compile`` (inductor; minutes of compilation on a small CPU, cached on disk by inductor);
 * optional CUDA graphs: one captured graph per input shape, replayed with a static input buffer.
 """
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ecmnet_core.checkpoint import Checkpoint
 from ecmnet_core.model.fuse import optimize_for_inference
+from ecmnet_core.ops.op_registry import direct_kernel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: Traced modules kept per engine (one per input shape; a fixed network size needs one).
@@ -78,27 +79,36 @@ def _forget_sources(keys: set[str]) -> None:
 
 def streamline(module: nn.Module) -> int:
     """Cut the Python cost of running the captured graphs (the root and the nested ones), leaving every kernel and
-    argument as it is; returns the nodes rewritten.
+    argument as it is; returns the nodes rewritten or removed.
 
-    * every ``aten`` node calls the operator's C binding (``torch.conv2d`` for ``torch.ops.aten.conv2d.default``):
-      the same kernel without the Python ``OpOverload`` layer;
+    * every ``aten`` node calls the operator's C binding (``torch.conv2d`` for ``torch.ops.aten.conv2d.default``,
+      ``torch._C._nn.linear``, ``Tensor.contiguous``): the same kernel without the Python ``OpOverload`` layer;
+    * every ``torch.ops.ecmnet.*`` node calls the op's CPU kernel function itself
+      (:func:`ecmnet_core.ops.op_registry.direct_kernel`), not the dispatcher that calls back into Python;
+    * the checks export adds around a ``.to(dtype)`` and the conversions to the dtype a tensor already has go;
     * every weight and buffer the graph reads becomes a plain instance attribute with a flat name: the generated
       code's ``self.stem.0.0.weight`` walked ``nn.Module.__getattr__`` once per level, ~7,500 calls a frame.
       The tensors are the model's own (nothing is copied); a captured graph is for the CPU it was made on.
     """
-    functions = torch._C._VariableFunctions
     count = 0
     for sub in module.modules():
         if not isinstance(sub, torch.fx.GraphModule):
             continue
-        for node in sub.graph.nodes:
+        for node in list(sub.graph.nodes):
             target = node.target
-            if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
-                    and target.namespace == "aten":
-                function = getattr(functions, target._schema.name.split("::", 1)[1], None)
-                if function is not None:
-                    node.target = function
-                    count += 1
+            if node.op == "call_function":
+                if target in (torch.ops.aten._assert_tensor_metadata.default, torch._assert_tensor_metadata) \
+                        and not node.users:
+                    sub.graph.erase_node(node)
+                elif target is torch.ops.aten.to.dtype and _same_dtype(node):
+                    node.replace_all_uses_with(node.args[0])
+                    sub.graph.erase_node(node)
+                else:
+                    binding = _binding(target)
+                    if binding is None:
+                        continue
+                    node.target = binding
+                count += 1
             elif node.op == "get_attr" and "." in target:
                 value = sub
                 for part in target.split("."):
@@ -110,6 +120,26 @@ def streamline(module: nn.Module) -> int:
                     count += 1
         sub.recompile()
     return count
+
+
+def _binding(target: object) -> object | None:
+    """What a graph node calling ``target`` can call instead, for the same kernel at less Python cost, or None."""
+    kernel = direct_kernel(target)
+    if kernel is not None or not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return kernel
+    name = target._schema.name.split("::", 1)[1]
+    for home in (torch._C._VariableFunctions, torch._C._nn, Tensor):  # the last: methods such as contiguous, view
+        function = getattr(home, name, None)
+        if function is not None:
+            return function
+    return None
+
+
+def _same_dtype(node: torch.fx.Node) -> bool:
+    """True for ``aten.to.dtype(x, dtype)`` with ``x`` already of that dtype (a no-op; export records each)."""
+    source = node.args[0]
+    value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+    return isinstance(value, Tensor) and len(node.args) == 2 and not node.kwargs and value.dtype == node.args[1]
 
 
 class TorchEngine:
