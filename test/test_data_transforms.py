@@ -21,6 +21,26 @@ def test_normalize_image_is_bgr_minus_mean_over_std_flipped_to_rgb():
         np.testing.assert_allclose(x[rgb].numpy(), expected, rtol=1e-6)
 
 
+def test_inference_preprocessing_hands_the_engine_channels_last_memory_with_the_same_values():
+    """Preprocess (the Segmenter, eval, predict, replay) returns (3, H, W) in (H, W, 3) memory, bit for bit the
+    contiguous normalisation, and a batch of such images stacks to a channels-last tensor (no transposing copies)."""
+    from ecmnet_core.data import Preprocess
+    from ecmnet_core.inference.pipeline import stack_images
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (6, 9, 3), dtype=np.uint8) for _ in range(2)]
+    prep = Preprocess(MEAN, STD)
+    views = [prep(im) for im in images]
+    for view, image in zip(views, images):
+        assert view.shape == (3, 6, 9) and not view.is_contiguous()
+        assert view[None].is_contiguous(memory_format=torch.channels_last)
+        reference = (image.astype(np.float32) - np.float32(MEAN)) * (1.0 / np.float32(STD))
+        assert torch.equal(view, torch.from_numpy(np.ascontiguousarray(reference[:, :, ::-1].transpose(2, 0, 1))))
+    batch = stack_images(views)
+    assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch, torch.stack(views))
+    assert torch.equal(stack_images([v.contiguous() for v in views]), batch)  # plain (3, H, W) tensors stack too
+
+
 def test_normalize_image_mono_is_replicated_and_bad_input_rejected():
     mono = np.arange(12, dtype=np.uint8).reshape(3, 4)
     x = normalize_image(mono, MEAN, STD)

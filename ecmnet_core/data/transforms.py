@@ -26,10 +26,13 @@ def _as_bgr(image: np.ndarray, name: str = "image") -> np.ndarray:
     return image
 
 
-def normalize_image(image_bgr: np.ndarray, mean_bgr: Sequence[float], std_bgr: Sequence[float]) -> torch.Tensor:
+def normalize_image(image_bgr: np.ndarray, mean_bgr: Sequence[float], std_bgr: Sequence[float],
+                    channels_last: bool = False) -> torch.Tensor:
     """(H, W, 3) BGR uint8 (or (H, W) mono8, replicated) -> (3, H, W) float32 RGB, ``(bgr - mean) / std``.
 
     ``mean_bgr``/``std_bgr`` are per-channel on the 0..255 scale, in BGR order (the checkpoint convention).
+    ``channels_last``: return the (3, H, W) view of an (H, W, 3) tensor, the memory a channels-last network input
+    has, instead of a contiguous copy (the inference path: no transposing copy here, none in the engine).
     """
     image = _as_bgr(image_bgr)
     mean = np.asarray(mean_bgr, dtype=np.float32).reshape(-1)
@@ -38,9 +41,12 @@ def normalize_image(image_bgr: np.ndarray, mean_bgr: Sequence[float], std_bgr: S
         raise ValueError(f"mean_bgr/std_bgr must have 3 values each, got {mean.size} and {std.size}")
     if np.any(std <= 0):
         raise ValueError(f"std_bgr must be positive, got {std.tolist()}")
-    x = (image.astype(np.float32) - mean) * (1.0 / std)
-    # BGR -> RGB and HWC -> CHW in one contiguous copy
-    return torch.from_numpy(np.ascontiguousarray(x[:, :, ::-1].transpose(2, 0, 1)))
+    # BGR -> RGB first (on the small uint8 pixels), then (x - mean) * (1 / std) in float32, in place
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if image.dtype == np.uint8 else np.ascontiguousarray(image[:, :, ::-1])
+    x = torch.from_numpy(rgb).float()
+    x.sub_(torch.from_numpy(mean[::-1].copy())).mul_(torch.from_numpy((1.0 / std)[::-1].copy()))
+    x = x.permute(2, 0, 1)
+    return x if channels_last else x.contiguous()
 
 
 def _label_tensor(label: np.ndarray) -> torch.Tensor:
@@ -169,7 +175,8 @@ class TrainTransform:
 
 @dataclass
 class Preprocess:
-    """BGR uint8 image -> (3, h, w) normalised RGB float32 at the network size.
+    """BGR uint8 image -> (3, h, w) normalised RGB float32 at the network size, in (h, w, 3) memory (a batch of
+    one is a channels-last tensor without a copy).
 
     ``input_size`` (H, W) resizes every image to that size; otherwise ``scale`` resizes by a factor (1 = native).
     cv2 bilinear resizing and rounding match :class:`EvalTransform`. Made from a checkpoint by
@@ -197,7 +204,7 @@ class Preprocess:
         th, tw = self.size_for(h, w)
         if (th, tw) != (h, w):
             image_bgr = cv2.resize(image_bgr, (tw, th), interpolation=cv2.INTER_LINEAR)
-        return normalize_image(image_bgr, self.mean, self.std)
+        return normalize_image(image_bgr, self.mean, self.std, channels_last=True)
 
 
 

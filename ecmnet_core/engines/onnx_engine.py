@@ -104,7 +104,7 @@ class OnnxRuntimeEngine:
         if tuple(batch.shape[2:]) != self.input_size:
             raise ValueError(f"{self.path.name} takes {self.input_size[0]}x{self.input_size[1]} inputs, got "
                              f"{batch.shape[2]}x{batch.shape[3]}: set input_size to the exported size")
-        array = batch.detach().to("cpu", torch.float32).numpy()
+        array = batch.detach().to("cpu", torch.float32).contiguous().numpy()  # NCHW, whatever the memory format
         outs = [self.session.run(None, {self.input_name: array[i:i + 1]})[0] for i in range(array.shape[0])]
         return torch.from_numpy(np.concatenate(outs, axis=0))
 

@@ -144,6 +144,14 @@ def as_runner(predictor: Any, mean: Sequence[float] | None = None, std: Sequence
     raise TypeError(f"cannot evaluate a {type(predictor).__name__}: pass a Segmenter or an nn.Module")
 
 
+def stack_images(tensors: Sequence[Tensor]) -> Tensor:
+    """Same-shape (C, H, W) images -> a (B, C, H, W) batch, channels-last when every image is laid out (H, W, C)
+    (what :class:`ecmnet_core.data.transforms.Preprocess` returns): no transposing copy on the way to the engine."""
+    if all(t.dim() == 3 and t.permute(1, 2, 0).is_contiguous() for t in tensors):
+        return torch.stack([t.permute(1, 2, 0) for t in tensors]).permute(0, 3, 1, 2)
+    return torch.stack(list(tensors))
+
+
 def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
                    confidence: list[Tensor] | None = None, min_confidence: float | None = None,
                    logits_out: list[Tensor] | None = None) -> list[Tensor]:
@@ -165,7 +173,7 @@ def predict_labels(runner: Runner, tensors: Sequence[Tensor], sizes: Sequence[tu
     for i, t in enumerate(tensors):
         groups.setdefault(tuple(t.shape), []).append(i)
     for idx in groups.values():
-        logits = runner.logits(torch.stack([tensors[i] for i in idx]))
+        logits = runner.logits(stack_images([tensors[i] for i in idx]))
         for j, i in enumerate(idx):
             one = logits[j:j + 1]
             if logits_out is not None:
@@ -220,5 +228,5 @@ def segment_images(predictor: Any, images: Sequence[np.ndarray],
     return [lab.to(torch.uint8).cpu().numpy() for lab in labels]
 
 
-__all__ = ["TTA_MODES", "ModelRunner", "Runner", "SegmenterRunner", "as_runner", "confidence_image",
+__all__ = ["TTA_MODES", "ModelRunner", "Runner", "SegmenterRunner", "as_runner", "confidence_image", "stack_images",
            "logits_to_labels", "predict_labels", "segment_images", "top_probability", "tta_logits"]
