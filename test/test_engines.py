@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, random_checkpoint
@@ -195,9 +196,14 @@ def test_cpu_graph_per_input_size_and_eager_fallback(monkeypatch) -> None:
     for size in (SIZE, (64, 96), SIZE):
         x = torch.randn(1, 3, *size, generator=gen)
         assert torch.equal(graph_engine.logits(x), eager.logits(x))
-    assert sorted(graph_engine._traces) == [(1, 3, 64, 96), (1, 3, *SIZE)]
+    assert sorted(graph_engine._traces) == [(1, 3, 64, 96, True), (1, 3, *SIZE, True)]
+    # the network's own resolution (what the Segmenter resamples from) is one more graph, the same logits
+    half = graph_engine.logits(x, upsample=False)
+    assert half.shape[-2:] == (SIZE[0] // 2, SIZE[1] // 2) and torch.equal(half, eager.logits(x, upsample=False))
+    full = F.interpolate(half.contiguous(), size=SIZE, mode="bilinear", align_corners=False)
+    assert torch.equal(full, eager.logits(x))
     assert "graph" in graph_engine.describe()["optimisations"] and "graph" not in eager.describe()["optimisations"]
-    graph = graph_engine._traces[(1, 3, *SIZE)]
+    graph = graph_engine._traces[(1, 3, *SIZE, True)]
     called = {node.target for sub in graph.modules() if isinstance(sub, torch.fx.GraphModule)
               for node in sub.graph.nodes if node.op == "call_function"}
     # DDA's attention reads its stacked projections (optimize_for_inference), EDAB's kernels are recorded too, as

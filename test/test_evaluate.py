@@ -33,8 +33,8 @@ def data(tmp_path_factory):
 
 
 def independent_confusion(ckpt_path: Path, root: Path) -> np.ndarray:
-    """The confusion matrix computed by hand: resize to the checkpoint's input size, normalise, forward,
-    upsample the logits bilinearly to the label size, argmax, count non-void pixels."""
+    """The confusion matrix computed by hand: resize to the checkpoint's input size, normalise, forward to the
+    network's 1/2-resolution logits, upsample them bilinearly to the label size, argmax, count non-void pixels."""
     ckpt = load_checkpoint(ckpt_path)
     model = ckpt.build_model().eval()
     info, samples = build_dataset("camvid", root, "val")
@@ -44,7 +44,8 @@ def independent_confusion(ckpt_path: Path, root: Path) -> np.ndarray:
         h, w = ckpt.input_size
         x = normalize_image(cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR), ckpt.mean, ckpt.std)
         with torch.no_grad():
-            logits = F.interpolate(model(x[None]), size=label.shape, mode="bilinear", align_corners=False)
+            logits = F.interpolate(model(x[None], upsample=False), size=label.shape, mode="bilinear",
+                                   align_corners=False)
         pred = logits.argmax(1)[0].numpy()
         valid = label != info.ignore_index
         cm += np.bincount(label[valid].astype(np.int64) * 11 + pred[valid], minlength=121).reshape(11, 11)

@@ -101,11 +101,14 @@ def lower_recurrence(proto) -> int:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
                 *, input_name: str = "image", output_name: str = "logits",
-                metadata: dict[str, str] | None = None) -> ExportInfo:
+                metadata: dict[str, str] | None = None, upsample: bool = True) -> ExportInfo:
     """Export ``model`` (eval mode, on CPU, batch 1) for ``input_size`` = (H, W) to ``path``.
 
-    The caller's model is not modified (a CPU copy is exported). ``metadata`` is stored as the ONNX model's
-    ``metadata_props`` (e.g. class names, mean/std). Needs the onnx package (the scan is rewritten into a Scan).
+    ``upsample=False`` (an ECMNet) ends the graph with the classifier at the network's 1/2 resolution instead of the
+    logits at the input size: what the onnxruntime backend runs, whose labels are then resampled to each image's
+    size in one step as the torch engine's are. The caller's model is not modified (a CPU copy is exported).
+    ``metadata`` is stored as the ONNX model's ``metadata_props`` (e.g. class names, mean/std). Needs the onnx
+    package (the scan is rewritten into a Scan).
     """
     h, w = _check_size(input_size)
     if opset < 13:
@@ -117,6 +120,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = copy.deepcopy(model).to("cpu").eval()
+    if not upsample:
+        if not hasattr(net, "classify_before_upsample"):
+            raise ValueError(f"upsample=False needs an ECMNet, not a {type(net).__name__}")
+        net = _Unsampled(net)
     x = torch.zeros(1, 3, h, w)
     with torch.no_grad(), warnings.catch_warnings():
         # TracerWarnings about shape comparisons (resize_to, FFM pooling): sizes are fixed per export
@@ -137,6 +144,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
                       file_bytes=path.stat().st_size, op_counts=dict(counts.most_common()))
 
 
+class _Unsampled(nn.Module):
+    """An ECMNet called with ``upsample=False`` (tracing takes positional inputs only)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, upsample=False)
+
+
 def checkpoint_metadata(ckpt: Checkpoint, input_size: tuple[int, int]) -> dict[str, str]:
     """What an exported file carries so that it runs without the checkpoint: classes, colours, normalisation."""
     return {
@@ -155,11 +173,12 @@ def checkpoint_metadata(ckpt: Checkpoint, input_size: tuple[int, int]) -> dict[s
 
 
 def export_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, input_size: tuple[int, int] | None = None,
-                      opset: int = DEFAULT_OPSET) -> ExportInfo:
-    """Export a checkpoint's model with its metadata; ``input_size`` None uses the checkpoint's (else 360x480)."""
+                      opset: int = DEFAULT_OPSET, upsample: bool = True) -> ExportInfo:
+    """Export a checkpoint's model with its metadata; ``input_size`` None uses the checkpoint's (else 360x480);
+    ``upsample`` as in :func:`export_onnx`."""
     size = _check_size(input_size or (tuple(ckpt.input_size) if ckpt.input_size else (360, 480)))
     return export_onnx(ckpt.build_model(scan_backend="torch"), path, size, opset,
-                       metadata=checkpoint_metadata(ckpt, size))
+                       metadata=checkpoint_metadata(ckpt, size), upsample=upsample)
 
 
 def read_onnx_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -31,17 +31,19 @@ def onnx_cache_dir() -> Path:
 
 def onnx_model_for(ckpt: Checkpoint, checkpoint_hash: str, input_size: tuple[int, int],
                    cache: Path | None = None, opset: int = DEFAULT_OPSET) -> Path:
-    """The cached export of ``ckpt`` at ``input_size`` (H, W), exported now if absent (atomically)."""
+    """The cached export of ``ckpt`` at ``input_size`` (H, W), exported now if absent (atomically), ending at the
+    network's own (1/2) resolution: the caller resamples the logits to each image's size in one step."""
     cache = cache or onnx_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     version = ONNX_FORMAT.replace("/", "-")
-    path = cache / f"{ckpt.model_config.name}_{checkpoint_hash}_{input_size[0]}x{input_size[1]}_o{opset}_{version}.onnx"
+    stem = f"{ckpt.model_config.name}_{checkpoint_hash}_{input_size[0]}x{input_size[1]}_o{opset}_{version}"
+    path = cache / f"{stem}_net-res.onnx"
     if path.is_file():
         return path
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".onnx.tmp", dir=cache)
     os.close(fd)
     try:
-        export_checkpoint(ckpt, tmp, input_size, opset)
+        export_checkpoint(ckpt, tmp, input_size, opset, upsample=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -99,8 +101,9 @@ class OnnxRuntimeEngine:
         self.input_name = first.name
         self.input_size = tuple(int(v) for v in first.shape[2:])
 
-    def logits(self, batch: Tensor) -> Tensor:
-        """(B, 3, h, w) normalised float32 -> (B, K, h, w) float32 logits (on the CPU)."""
+    def logits(self, batch: Tensor, upsample: bool = True) -> Tensor:
+        """(B, 3, h, w) normalised float32 -> (B, K, h, w) float32 logits (on the CPU). The exported graph ends with
+        the upsampling, so ``upsample=False`` (lower-resolution logits welcome) changes nothing."""
         if tuple(batch.shape[2:]) != self.input_size:
             raise ValueError(f"{self.path.name} takes {self.input_size[0]}x{self.input_size[1]} inputs, got "
                              f"{batch.shape[2]}x{batch.shape[3]}: set input_size to the exported size")

@@ -46,14 +46,15 @@ class TorchEngineOptions:
     scan_backend: str | None = None
 
 
-def capture(model: nn.Module, example: Tensor) -> nn.Module:
-    """``model`` as a graph for ``example``'s shape: ``torch.export`` (strict=False, static shapes), run as the
-    exported program's module. Gradients are off while capturing, so the inference kernels are recorded as their
-    ``torch.ops.ecmnet.*`` custom ops (not the training kernels, which read raw data pointers)."""
+def capture(model: nn.Module, example: Tensor, upsample: bool = True) -> nn.Module:
+    """``model(example, upsample=upsample)`` as a graph for ``example``'s shape: ``torch.export`` (strict=False,
+    static shapes), run as the exported program's module (called with the input alone). Gradients are off while
+    capturing, so the inference kernels are recorded as their ``torch.ops.ecmnet.*`` custom ops (not the training
+    kernels, which read raw data pointers)."""
     before = set(_fx_sources())
     with torch.inference_mode(False), torch.no_grad():
         example = example.detach().clone()  # an inference tensor cannot enter export's functional tracing
-        program = torch.export.export(model, (example,), strict=False)
+        program = torch.export.export(_Bound(model, upsample), (example,), strict=False)
     module = program.module()
     streamline(module)
     # torch.fx keeps the source of every generated forward for tracebacks, for the life of the process: drop the
@@ -63,6 +64,17 @@ def capture(model: nn.Module, example: Tensor) -> nn.Module:
     _forget_sources(set(_fx_sources()) - before - live)
     weakref.finalize(module, _forget_sources, live)
     return module
+
+
+class _Bound(nn.Module):
+    """``model`` with its ``upsample`` argument fixed, so that the captured graph takes the input alone."""
+
+    def __init__(self, model: nn.Module, upsample: bool) -> None:
+        super().__init__()
+        self.model, self.upsample = model, upsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x, upsample=self.upsample)
 
 
 def _fx_sources() -> dict:
@@ -180,36 +192,38 @@ class TorchEngine:
         return torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype != torch.float32)
 
     @torch.inference_mode()
-    def logits(self, batch: Tensor) -> Tensor:
-        """(B, 3, h, w) normalised float32 -> (B, K, h, w) float32 logits on the engine's device."""
+    def logits(self, batch: Tensor, upsample: bool = True) -> Tensor:
+        """(B, 3, h, w) normalised float32 -> (B, K, h, w) float32 logits on the engine's device; with
+        ``upsample=False`` at the network's own output resolution (ECMNet: h/2 x w/2), to be resampled to the size
+        the caller needs in one step, as :func:`ecmnet_core.inference.pipeline.logits_to_labels` does."""
         batch = batch.to(self.device, non_blocking=True)
         if self.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         if self.options.cuda_graphs:
-            return self._replay(batch)
+            return self._replay(batch, upsample)
         if self._jit:
-            return self._traced(batch)
+            return self._traced(batch, upsample)
         with self._autocast():
-            return self._forward(batch).float()
+            return self._forward(batch, upsample=upsample).float()
 
-    def _traced(self, batch: Tensor) -> Tensor:
-        key = tuple(batch.shape)
+    def _traced(self, batch: Tensor, upsample: bool) -> Tensor:
+        key = (*batch.shape, upsample)
         module = self._traces.get(key)
         if module is None:
             try:
-                module = capture(self.model, batch)
+                module = capture(self.model, batch, upsample)
             except Exception as exc:  # a model that cannot be captured keeps working, eagerly
                 warnings.warn(f"graph capture (torch.export) failed ({type(exc).__name__}: {exc}); running the "
                               "model eagerly", RuntimeWarning, stacklevel=3)
                 self._jit = False
-                return self._forward(batch).float()
+                return self._forward(batch, upsample=upsample).float()
             if len(self._traces) >= MAX_TRACES:  # native-size input with many sizes: keep the newest few
                 self._traces.pop(next(iter(self._traces)))
             self._traces[key] = module
         return module(batch).float()
 
-    def _replay(self, batch: Tensor) -> Tensor:
-        key = tuple(batch.shape)
+    def _replay(self, batch: Tensor, upsample: bool) -> Tensor:
+        key = (*batch.shape, upsample)
         entry = self._graphs.get(key)
         if entry is None:
             static_in = batch.clone()
@@ -217,11 +231,11 @@ class TorchEngine:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), self._autocast():  # warm up (kernel choice, allocations) off the graph
                 for _ in range(2):
-                    self._forward(static_in)
+                    self._forward(static_in, upsample=upsample)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), self._autocast():
-                static_out = self._forward(static_in).float()
+                static_out = self._forward(static_in, upsample=upsample).float()
             entry = self._graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = entry
         static_in.copy_(batch)

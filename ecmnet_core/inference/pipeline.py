@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.data.transforms import Preprocess
+from ecmnet_core.model import ECMNet
 from ecmnet_core.ops import labels_cpu
 
 #: Test-time augmentations: none, or the mean of the logits of the image and of its mirror image.
@@ -95,6 +96,8 @@ class ModelRunner:
 
     def _forward(self, batch: Tensor) -> Tensor:
         with torch.autocast(self.device.type, enabled=self.amp):
+            if isinstance(self.model, ECMNet):  # as the Segmenter: logits at the network's resolution
+                return self.model(batch, upsample=False).float()
             return self.model(batch).float()
 
 
@@ -122,7 +125,9 @@ class SegmenterRunner:
         return float(self.segmenter.config.min_confidence)
 
     def logits(self, batch: Tensor) -> Tensor:
-        return tta_logits(self.segmenter.engine.logits, batch, self.tta)
+        """The engine's logits at the network's output resolution (not upsampled to the input first: the labels
+        are resampled from them to each image's size in one step)."""
+        return tta_logits(lambda b: self.segmenter.engine.logits(b, upsample=False), batch, self.tta)
 
 
 Runner = ModelRunner | SegmenterRunner

@@ -159,7 +159,10 @@ class ECMNet(nn.Module):
         device = device or next(self.parameters()).device
         return self.ffm.vss.ss2d.scan.resolved_backend(device)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, upsample: bool = True) -> Tensor:
+        """(B, 3, H, W) -> (B, K, H, W) class logits. ``upsample=False`` returns them at the decoder's 1/2
+        resolution instead (the classifier applied there), for callers that resample to the size they need in one
+        step (:func:`ecmnet_core.inference.pipeline.logits_to_labels`)."""
         stem = self.stem(x)
         e1 = self.stage1(self.down1(stem))
         e2 = self.stage2(self.down2(e1))
@@ -181,9 +184,9 @@ class ECMNet(nn.Module):
         if self.long is not None:
             y = y + self.long[2](skips[0])
         y = self.bn1(self.pa(resize_to(self.up1(y), stem)))
-        if self.classify_before_upsample:
+        if self.classify_before_upsample or not upsample:
             logits = self.classifier(y)
-            if self.upsample_in_loss and self.training:
+            if (self.upsample_in_loss and self.training) or not upsample:
                 return logits
             # NCHW for the upsampling: with 11-19 channels the channels-last CPU kernel vectorises poorly (3 vs 2 ms)
             return F.interpolate(logits.contiguous(), size=x.shape[-2:], mode="bilinear", align_corners=False)
