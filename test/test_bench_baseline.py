@@ -31,9 +31,11 @@ def test_head_against_itself_agrees_and_reports_ratios(tmp_path, monkeypatch):
     monkeypatch.setenv("ECMNET_CACHE_DIR", str(tmp_path))
     head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
-    report = bench_baseline(BaselineBenchConfig(rev=head, sizes=((40, 56),), runs=1, warmup=0))
+    # a camera image of another size, resized to the network's input size by both
+    report = bench_baseline(BaselineBenchConfig(rev=head, sizes=((40, 56),), image_size=(48, 72), runs=1, warmup=0))
     (row,) = report["results"]
     assert row["label_agreement"] == 1.0  # the same code on the same image
+    assert row["size"] == [40, 56] and row["image_size"] == [48, 72]
     assert row["e2e_speedup"] > 0 and row["forward_speedup"] > 0
     assert report["baseline_package"].startswith("ecmnet_base_")
     assert hasattr(torch.ops, report["baseline_package"])  # its operators live apart from torch.ops.ecmnet

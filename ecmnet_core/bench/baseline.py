@@ -6,7 +6,8 @@ processes and minutes, so both versions run side by side: the revision's ``ecmne
 ``git archive`` into the cache (``$ECMNET_CACHE_DIR/baseline/<rev>``) and imported under another package name, its
 compiled operators registered under another namespace (``torch.ops.ecmnet_base_<rev>``), so the two never share a
 module or an operator. Both load the same checkpoint (default: this tree's packaged model). Reported per input size:
-end to end (``Segmenter.segment``: a uint8 BGR image in, labels out) and the forward alone
+end to end (``Segmenter.segment``: a uint8 BGR image in, labels out; the image is the input size, or a camera's
+``image_size`` resized to it) and the forward alone
 (``engine.logits`` on a pre-processed batch), medians of interleaved rounds, the ratios, and the share of pixels
 whose labels agree.
 """
@@ -42,6 +43,8 @@ RENAMING = "r1"
 class BaselineBenchConfig:
     rev: str = "2822c60"
     sizes: tuple[tuple[int, int], ...] = ((352, 480),)
+    #: The image size (a camera's), resized to each network input size; None: the input size itself.
+    image_size: tuple[int, int] | None = None
     checkpoint: str | None = None
     runs: int = 20
     warmup: int = 3
@@ -128,7 +131,7 @@ def bench_baseline(cfg: BaselineBenchConfig) -> dict:
     for h, w in cfg.sizes:
         new = Segmenter(InferenceConfig(checkpoint=checkpoint, device="cpu", input_size=(h, w), warmup=1))
         old = _segmenter(old_module, checkpoint, (h, w))
-        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image = rng.integers(0, 256, (*(cfg.image_size or (h, w)), 3), dtype=np.uint8)
         batch_new = new.preprocess(image)[None]
         batch_old = old.preprocess(image)[None]
         timings = time_interleaved({
@@ -138,7 +141,7 @@ def bench_baseline(cfg: BaselineBenchConfig) -> dict:
         }, cfg.runs, cfg.warmup, device, cfg.budget_s)
         agree = float((new.segment(image).labels == old.segment(image).labels).mean())
         med = {k: t.median for k, t in timings.items()}
-        results.append({"size": [h, w], **{f"{k}_ms": v for k, v in med.items()},
+        results.append({"size": [h, w], "image_size": list(image.shape[:2]), **{f"{k}_ms": v for k, v in med.items()},
                         "e2e_speedup": med["old_e2e"] / med["new_e2e"],
                         "forward_speedup": med["old_forward"] / med["new_forward"], "label_agreement": agree,
                         "runs": min(len(t.samples_ms) for t in timings.values())})
@@ -151,10 +154,12 @@ def format_baseline(report: dict) -> str:
     env = report["environment"]
     lines = [f"this tree against {report['rev']} ({env['device_name']}, {env['threads']} threads, "
              f"torch {env['torch']}), checkpoint {report['checkpoint']}",
-             f"{'size':>9}  {'e2e old':>8}  {'e2e new':>8}  {'speed-up':>8}  {'fwd old':>8}  {'fwd new':>8}  "
-             f"{'speed-up':>8}  {'labels agree':>12}"]
+             f"{'size':>9}  {'image':>9}  {'e2e old':>8}  {'e2e new':>8}  {'speed-up':>8}  {'fwd old':>8}  "
+             f"{'fwd new':>8}  {'speed-up':>8}  {'labels agree':>12}"]
     for r in report["results"]:
-        lines.append(f"{r['size'][0]:>4}x{r['size'][1]:<4}  {r['old_e2e_ms']:>6.1f}ms  {r['new_e2e_ms']:>6.1f}ms  "
+        image = r.get("image_size", r["size"])
+        lines.append(f"{r['size'][0]:>4}x{r['size'][1]:<4}  {image[0]:>4}x{image[1]:<4}  "
+                     f"{r['old_e2e_ms']:>6.1f}ms  {r['new_e2e_ms']:>6.1f}ms  "
                      f"{r['e2e_speedup']:>7.2f}x  {r['old_forward_ms']:>6.1f}ms  {r['new_forward_ms']:>6.1f}ms  "
                      f"{r['forward_speedup']:>7.2f}x  {100 * r['label_agreement']:>11.3f}%")
     if report.get("note"):

@@ -176,6 +176,8 @@ def _add_points(p: argparse.ArgumentParser) -> None:
 def _add_baseline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rev", default="2822c60", help="git revision to compare with (default 2822c60)")
     p.add_argument("--sizes", nargs="+", default=["352x480"], metavar="HxW", help="input sizes (default 352x480)")
+    p.add_argument("--image-size", default=None, metavar="HxW",
+                   help="camera image size, resized to each network input size (default: the input size itself)")
     p.add_argument("--checkpoint", default=None, help="checkpoint both load (default: the packaged CamVid model)")
     p.add_argument("--budget", type=float, default=120.0,
                    help="stop repeating one measurement after this many seconds (default 120)")
@@ -255,7 +257,8 @@ def _run_mode(args: argparse.Namespace) -> tuple[dict, Callable[[dict], str]]:
 
         return bench_baseline(BaselineBenchConfig(
             rev=args.rev, sizes=_sizes(args.sizes) or ((352, 480),), checkpoint=args.checkpoint, runs=args.runs,
-            warmup=args.warmup, budget_s=args.budget)), format_baseline
+            warmup=args.warmup, budget_s=args.budget,
+            image_size=_sizes([args.image_size])[0] if args.image_size else None)), format_baseline
     from ecmnet_core.bench.points import bench_painting, format_painting
 
     return bench_painting(args.points, size, runs=args.runs, warmup=args.warmup), format_painting
