@@ -265,6 +265,7 @@ def _check_stream_end(view: memoryview, fmt: str) -> None:
 
 
 _DECODE_LOCK = threading.Lock()
+_SINK: Any = None  # decode_quietly's capture file, made on first use
 #: Lines the image libraries print on their own (libpng's errors and warnings, libjpeg's warnings).
 _LIBRARY_LINE = re.compile(r"^(libpng (error|warning)|Corrupt JPEG data|Premature end of JPEG|Invalid JPEG|"
                            r"Unsupported marker|Bogus |JPEG datastream)")
@@ -275,23 +276,31 @@ def decode_quietly(buffer: np.ndarray) -> tuple[np.ndarray | None, str]:
     lines joined by "; ").
 
     The libraries write to the process's stderr directly, a line per broken frame that no throttle can reach; here
-    it is captured (file descriptor 2 points at a temporary file while the decoder runs) so that callers can put it
-    into their own, throttled, report. Anything else written to stderr in that window (another thread's log line)
-    is written back right after."""
+    it is captured (file descriptor 2 points at a temporary file while the decoder runs; one file for the process,
+    emptied after each frame) so that callers can put it into their own, throttled, report. Anything else written
+    to stderr in that window (another thread's log line) is written back right after."""
+    global _SINK
     with _DECODE_LOCK:
         try:
             saved = os.dup(2)
         except OSError:  # no stderr to redirect
             return cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED), ""
-        with tempfile.TemporaryFile() as sink:
-            os.dup2(sink.fileno(), 2)
+        try:
+            if _SINK is None:
+                _SINK = tempfile.TemporaryFile()  # unlinked at once: nothing is left behind
+            sink = _SINK.fileno()
+            os.dup2(sink, 2)
             try:
                 image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
             finally:
                 os.dup2(saved, 2)
-                os.close(saved)
-            sink.seek(0)
-            text = sink.read().decode("utf-8", "replace")
+            size = os.lseek(sink, 0, os.SEEK_END)
+            text = os.pread(sink, size, 0).decode("utf-8", "replace") if size else ""
+            if size:
+                os.ftruncate(sink, 0)
+            os.lseek(sink, 0, os.SEEK_SET)
+        finally:
+            os.close(saved)
     lines = text.splitlines(keepends=True)
     library = [line.strip() for line in lines if _LIBRARY_LINE.match(line)]
     other = "".join(line for line in lines if not _LIBRARY_LINE.match(line))
