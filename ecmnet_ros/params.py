@@ -81,8 +81,9 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("backend", STRING, "torch", CONFIGURE,
               "inference backend: torch, or onnxruntime (runs an .onnx checkpoint, or exports the .pt checkpoint at "
               "input_size once and caches it)", choices=ENGINES),
-    ParamSpec("dtype", STRING, "fp32", CONFIGURE, "fp32, or fp16/bf16 autocast (CUDA only; fp16 also via fp16: true)",
-              choices=("fp32", "fp16", "bf16")),
+    ParamSpec("dtype", STRING, "fp32", CONFIGURE, "fp32; fp16 (CUDA; also fp16: true); bf16 (CUDA autocast, CPU: "
+              "bf16 convolutions); auto (CPU: bf16 convolutions where native and faster, else fp32)",
+              choices=("fp32", "fp16", "bf16", "auto")),
     ParamSpec("optimize", BOOL, True, CONFIGURE, "torch backend: inference rewrites (batch norms folded into the "
               "convolutions, classifier before the last upsampling): same function, less work"),
     ParamSpec("compile", BOOL, False, CONFIGURE,

@@ -179,6 +179,54 @@ def test_torch_engine_options_keep_labels() -> None:
     assert plain.num_classes == ckpt.num_classes
 
 
+def test_cpu_bf16_convolutions_keep_the_labels() -> None:
+    """dtype bf16 on the CPU runs the captured graph with every convolution in bf16 (weights converted once, fp32
+    around them): the packaged model labels a street image as in fp32 (>= 99 % of pixels); fp16 stays CUDA only."""
+    from ecmnet_core.engines.cpu_precision import _conv2d_bf16
+
+    _need_checkpoint()
+    common = dict(device="cpu", input_size=SIZE, warmup=0)
+    image = _street_image()
+    fp32 = Segmenter(InferenceConfig(**common)).segment(image).labels
+    seg = Segmenter(InferenceConfig(dtype="bf16", **common))
+    bf16 = seg.segment(image).labels
+    assert (fp32 == bf16).mean() >= 0.99
+    (graph,) = seg.engine._traces.values()
+    convs = [n for n in graph.graph.nodes if n.op == "call_function" and n.target in (_conv2d_bf16, torch.conv2d)]
+    assert convs and all(n.target is _conv2d_bf16 for n in convs)
+    assert seg.describe()["cpu_precision"] == "bf16 convolutions"
+    with pytest.raises(ValueError, match="fp16 inference needs a CUDA device"):
+        Segmenter(InferenceConfig(dtype="fp16", **common))
+
+
+def test_auto_dtype_falls_back_to_fp32_without_native_bf16_and_else_keeps_the_faster(monkeypatch) -> None:
+    """dtype auto on the CPU: fp32 (bit for bit) when the CPU lacks native bf16 (simulated); with it (simulated),
+    the bf16-convolution graph only when it timed faster on the first input (timings injected, none measured)."""
+    from ecmnet_core.engines import TorchEngine, TorchEngineOptions, cpu_precision
+
+    ckpt = random_checkpoint("ecmnet", 3)
+    x = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(5))
+    reference = TorchEngine(ckpt, torch.device("cpu")).logits(x)
+
+    def auto_engine(native: bool, bf16_ms: float | None = None) -> TorchEngine:
+        monkeypatch.setattr(cpu_precision, "cpu_has_native_bf16", lambda: native)
+        if bf16_ms is not None:
+            monkeypatch.setattr(cpu_precision, "time_graphs", lambda graphs, example: {"fp32": 10.0, "bf16": bf16_ms})
+        engine = TorchEngine(ckpt, torch.device("cpu"), TorchEngineOptions(dtype="auto"))
+        engine.logits(x)
+        return engine
+
+    without = auto_engine(native=False)
+    assert torch.equal(without.logits(x), reference)
+    assert "no native bf16" in without.describe()["cpu_precision"]
+    faster = auto_engine(native=True, bf16_ms=6.0)
+    assert faster.describe()["cpu_precision"].startswith("bf16 convolutions (auto: bf16 6.0 ms, fp32 10.0 ms)")
+    assert not torch.equal(faster.logits(x), reference)  # the bf16 graph runs
+    slower = auto_engine(native=True, bf16_ms=14.0)
+    assert slower.describe()["cpu_precision"].startswith("fp32 (auto")
+    assert torch.equal(slower.logits(x), reference)
+
+
 def test_cpu_graph_per_input_size_and_eager_fallback(monkeypatch) -> None:
     """On the CPU the torch engine captures one torch.export graph per input size (recording the compiled kernels
     as custom ops, never the deprecated TorchScript tracer), bit for bit the eager engine's logits; if capture fails

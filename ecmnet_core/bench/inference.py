@@ -68,7 +68,7 @@ PATHS: dict[str, PathSpec] = {
     "torch-compile": PathSpec("torch + torch.compile (inductor)", compile=True),
     "onnxruntime": PathSpec("ONNX Runtime (exported graph, scan as an ONNX Scan)", engine="onnxruntime"),
     "torch-fp16": PathSpec("torch + fp16 autocast", dtype="fp16", cuda_only=True),
-    "torch-bf16": PathSpec("torch + bf16 autocast", dtype="bf16", cuda_only=True),
+    "torch-bf16": PathSpec("torch + bf16 (CUDA: autocast; CPU: the graph's convolutions in bf16)", dtype="bf16"),
     "torch-fp16-graphs": PathSpec("torch + fp16 autocast + CUDA graphs", dtype="fp16", cuda_graphs=True,
                                   cuda_only=True),
 }

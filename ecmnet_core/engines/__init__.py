@@ -11,8 +11,9 @@ Every engine takes a normalised (B, 3, h, w) float32 batch and returns (B, K, h,
 from __future__ import annotations
 
 from ecmnet_core.engines.onnx_engine import OnnxRuntimeEngine, onnx_model_for
-from ecmnet_core.engines.torch_engine import DTYPES, TorchEngine, TorchEngineOptions
+from ecmnet_core.engines.torch_engine import DTYPE_CHOICES, DTYPES, TorchEngine, TorchEngineOptions
 
 ENGINES = ("torch", "onnxruntime")
 
-__all__ = ["DTYPES", "ENGINES", "OnnxRuntimeEngine", "TorchEngine", "TorchEngineOptions", "onnx_model_for"]
+__all__ = ["DTYPES", "DTYPE_CHOICES", "ENGINES", "OnnxRuntimeEngine", "TorchEngine", "TorchEngineOptions",
+           "onnx_model_for"]

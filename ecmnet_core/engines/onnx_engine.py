@@ -80,6 +80,7 @@ class OnnxRuntimeEngine:
             import onnxruntime as ort
         except ImportError as exc:
             raise ValueError(f"backend onnxruntime needs the onnxruntime package: {_INSTALL_HINT}") from exc
+        dtype = "fp32" if dtype == "auto" else dtype  # no other precision to choose from here
         if dtype not in ("fp32", "fp16"):
             raise ValueError(f"backend onnxruntime supports fp32 (and fp16 through TensorRT), not {dtype}")
         if dtype == "fp16" and device.type != "cuda":

@@ -24,18 +24,23 @@ import torch
 from torch import Tensor, nn
 
 from ecmnet_core.checkpoint import Checkpoint
+from ecmnet_core.engines import cpu_precision
 from ecmnet_core.model.fuse import optimize_for_inference
 from ecmnet_core.ops.op_registry import direct_kernel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: ``dtype`` values: the DTYPES, and ``auto`` (CPU: fp32 or bf16 convolutions, whichever is faster here).
+DTYPE_CHOICES = (*DTYPES, "auto")
 #: Traced modules kept per engine (one per input shape; a fixed network size needs one).
 MAX_TRACES = 8
 
 
 @dataclass
 class TorchEngineOptions:
-    """``dtype`` fp32 | fp16 | bf16 (the latter two CUDA only, as autocast); ``optimize`` applies the inference
-    rewrites of :func:`ecmnet_core.model.fuse.optimize_for_inference`."""
+    """``dtype``: fp32; fp16 (CUDA autocast); bf16 (CUDA autocast; on the CPU the graph's convolutions in bf16,
+    :mod:`ecmnet_core.engines.cpu_precision`); auto (CPU: fp32, or bf16 convolutions where the CPU has native bf16
+    and they are measured faster on the first input; CUDA: fp32). ``optimize`` applies the inference rewrites of
+    :func:`ecmnet_core.model.fuse.optimize_for_inference`."""
 
     dtype: str = "fp32"
     channels_last: bool = True
@@ -161,10 +166,10 @@ class TorchEngine:
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, options: TorchEngineOptions | None = None) -> None:
         self.options = opts = options or TorchEngineOptions()
-        if opts.dtype not in DTYPES:
-            raise ValueError(f"dtype {opts.dtype!r} is not supported (choose {', '.join(DTYPES)})")
-        if opts.dtype != "fp32" and device.type != "cuda":
-            raise ValueError(f"dtype {opts.dtype} needs a CUDA device (autocast); on {device} use fp32")
+        if opts.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype {opts.dtype!r} is not supported (choose {', '.join(DTYPE_CHOICES)})")
+        if opts.dtype == "fp16" and device.type != "cuda":
+            raise ValueError(f"dtype fp16 needs a CUDA device (autocast); on {device} use fp32, bf16 or auto")
         if opts.cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, not {device}")
         self.device = device
@@ -178,10 +183,15 @@ class TorchEngine:
         self.scan_backend = model.scan_backend(device)
         # dynamic=False: one specialised graph per input size, which is what a camera stream has
         self._forward = torch.compile(model, dynamic=False) if opts.compile else model
-        self._amp_dtype = DTYPES[opts.dtype]
+        # auto on CUDA stays fp32 until the GPU paths are measured (scripts/gpu_check.sh)
+        self._auto = opts.dtype == "auto" and device.type == "cpu"
+        self._amp_dtype = DTYPES["fp32" if opts.dtype == "auto" else opts.dtype]
+        #: CPU graphs: per input (shape, upsample), the precision the graph runs in and why (``describe``)
+        self.chosen: dict[tuple, str] = {}
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         # capturing on CUDA would record the plain scan loop (the CUDA kernels are not custom ops); torch.compile wins
         self._jit = opts.jit and device.type == "cpu" and not opts.compile
+        self._cpu_bf16_graph = device.type == "cpu" and opts.dtype == "bf16" and self._jit
         self._traces: dict[tuple[int, ...], nn.Module] = {}
 
     @property
@@ -189,7 +199,8 @@ class TorchEngine:
         return self.options.dtype
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype != torch.float32)
+        enabled = self._amp_dtype != torch.float32 and not self._cpu_bf16_graph
+        return torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=enabled)
 
     @torch.inference_mode()
     def logits(self, batch: Tensor, upsample: bool = True) -> Tensor:
@@ -215,12 +226,32 @@ class TorchEngine:
             except Exception as exc:  # a model that cannot be captured keeps working, eagerly
                 warnings.warn(f"graph capture (torch.export) failed ({type(exc).__name__}: {exc}); running the "
                               "model eagerly", RuntimeWarning, stacklevel=3)
-                self._jit = False
-                return self._forward(batch, upsample=upsample).float()
+                self._jit = self._cpu_bf16_graph = False  # eagerly, bf16 is autocast
+                with self._autocast():
+                    return self._forward(batch, upsample=upsample).float()
+            module = self._precision(module, batch, key)
             if len(self._traces) >= MAX_TRACES:  # native-size input with many sizes: keep the newest few
                 self._traces.pop(next(iter(self._traces)))
             self._traces[key] = module
         return module(batch).float()
+
+    def _precision(self, graph: nn.Module, batch: Tensor, key: tuple) -> nn.Module:
+        """The captured fp32 ``graph``, or its bf16-convolution copy (dtype bf16; auto when faster here)."""
+        if self._cpu_bf16_graph:
+            self.chosen[key] = "bf16 convolutions"
+            return cpu_precision.bf16_convolutions(graph)
+        if not self._auto:
+            self.chosen[key] = "fp32"
+            return graph
+        if not cpu_precision.cpu_has_native_bf16():
+            self.chosen[key] = "fp32 (auto: no native bf16 on this CPU)"
+            return graph
+        candidate = cpu_precision.bf16_convolutions(graph)
+        ms = cpu_precision.time_graphs({"fp32": graph, "bf16": candidate}, batch)
+        faster = "bf16" if ms["bf16"] < ms["fp32"] else "fp32"
+        self.chosen[key] = (f"{faster}{' convolutions' if faster == 'bf16' else ''} (auto: bf16 "
+                            f"{ms['bf16']:.1f} ms, fp32 {ms['fp32']:.1f} ms)")
+        return candidate if faster == "bf16" else graph
 
     def _replay(self, batch: Tensor, upsample: bool) -> Tensor:
         key = (*batch.shape, upsample)
@@ -256,4 +287,7 @@ class TorchEngine:
         flags = [name for name, on in (("optimized", o.optimize), ("channels-last", o.channels_last),
                                        ("graph", self._jit), ("compiled", o.compile),
                                        ("cuda-graphs", o.cuda_graphs)) if on]
-        return {"backend": "torch", "optimisations": ", ".join(flags) or "none"}
+        described = {"backend": "torch", "optimisations": ", ".join(flags) or "none"}
+        if self.chosen:
+            described["cpu_precision"] = "; ".join(dict.fromkeys(self.chosen.values()))
+        return described

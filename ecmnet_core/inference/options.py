@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ecmnet_core.engines import ENGINES
+from ecmnet_core.engines import DTYPE_CHOICES, ENGINES
 from ecmnet_core.inference.pipeline import TTA_MODES
 from ecmnet_core.inference.segmenter import InferenceConfig
 
@@ -24,8 +24,10 @@ def add_segmenter_arguments(parser: argparse.ArgumentParser | argparse._Argument
     parser.add_argument("--backend", default="torch", choices=ENGINES,
                         help="inference backend (default torch; onnxruntime runs an .onnx checkpoint or exports the "
                              ".pt one once at the input size)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                        help="fp32, or fp16/bf16 autocast (CUDA only)")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES,
+                        help="fp32; fp16 (CUDA autocast); bf16 (CUDA autocast, CPU: bf16 convolutions, native on "
+                             "CPUs with AVX-512 BF16); auto (CPU: the faster of fp32 and bf16 convolutions where "
+                             "bf16 is native, else fp32; CUDA: fp32)")
     parser.add_argument("--fp16", action="store_true", help="same as --dtype fp16")
     parser.add_argument("--scan-backend", default=None,
                         help="selective-scan backend (mamba, triton, cpp, torch, reference; default automatic)")

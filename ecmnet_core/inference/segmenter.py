@@ -27,7 +27,14 @@ from ecmnet_core.checkpoint import (
 )
 from ecmnet_core.data.classes import bgr_lut
 from ecmnet_core.device import resolve_device
-from ecmnet_core.engines import ENGINES, OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
+from ecmnet_core.engines import (
+    DTYPE_CHOICES,
+    ENGINES,
+    OnnxRuntimeEngine,
+    TorchEngine,
+    TorchEngineOptions,
+    onnx_model_for,
+)
 from ecmnet_core.inference.pipeline import SegmenterRunner, check_min_confidence, check_tta, predict_labels
 
 
@@ -62,7 +69,9 @@ class InferenceConfig:
     warmup: int = 1
     scan_backend: str | None = None
     backend: str = "torch"  # torch | onnxruntime
-    dtype: str = "fp32"  # fp32 | fp16 | bf16 (CUDA autocast)
+    #: fp32 | fp16 (CUDA autocast) | bf16 (CUDA autocast; CPU: bf16 convolutions) | auto (CPU: bf16 convolutions
+    #: where the CPU has native bf16 and they are measured faster, else fp32; CUDA: fp32)
+    dtype: str = "fp32"
     optimize: bool = True
     compile: bool = False
     cuda_graphs: bool = False
@@ -103,8 +112,10 @@ class Segmenter:
         self.device = resolve_device(config.device)
         check_tta(config.tta)
         check_min_confidence(config.min_confidence)
-        if config.precision != "fp32" and self.device.type != "cuda":
-            raise ValueError(f"{config.precision} inference needs a CUDA device")
+        if config.precision not in DTYPE_CHOICES:
+            raise ValueError(f"dtype {config.precision!r} is not supported (choose {', '.join(DTYPE_CHOICES)})")
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 inference needs a CUDA device (on the CPU: fp32, bf16 or auto)")
         self.checkpoint = self._load(config)
         ckpt = self.checkpoint
         self.class_names: list[str] = list(ckpt.class_names)
