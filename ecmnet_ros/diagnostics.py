@@ -59,6 +59,8 @@ def node_statuses(name: str, segmenter: Segmenter | None, streams: list[Stream],
                       checkpoint_hash=facts["checkpoint_hash"], random_weights=seg.random_weights,
                       device=device_note, dtype=facts["dtype"], scan_backend=facts["scan_backend"],
                       input_size=facts["input_size"], classes=facts["classes"], **device_values)
+        if "cpu_precision" in facts:  # what dtype auto chose on this CPU, and why
+            values["cpu_precision"] = facts["cpu_precision"]
     if last_error:
         level, message = ERROR, last_error
     elif seg is None:

@@ -157,8 +157,13 @@ def test_backend_errors_name_the_problem(tmp_path, cache) -> None:
         Segmenter(InferenceConfig(model="baseline", backend="tensorflow", device="cpu"))
     with pytest.raises(ValueError, match="fixed input_size"):
         Segmenter(InferenceConfig(model="baseline", backend="onnxruntime", device="cpu", input_size=(0, 0)))
-    with pytest.raises(ValueError, match="bf16 inference needs a CUDA device"):
-        Segmenter(InferenceConfig(model="baseline", dtype="bf16", device="cpu"))
+    with pytest.raises(ValueError, match="fp16 inference needs a CUDA device"):
+        Segmenter(InferenceConfig(model="baseline", dtype="fp16", device="cpu"))
+    with pytest.raises(ValueError, match="dtype 'int4' is not supported"):
+        Segmenter(InferenceConfig(model="baseline", dtype="int4", device="cpu"))
+    with pytest.raises(ValueError, match="onnxruntime supports fp32"):
+        Segmenter(InferenceConfig(model="baseline", backend="onnxruntime", dtype="bf16", device="cpu",
+                                  input_size=(32, 48)))
     bare = tmp_path / "bare.onnx"
     torch.onnx.export(nn.Conv2d(3, 2, 1), (torch.zeros(1, 3, 8, 8),), str(bare), dynamo=False)
     with pytest.raises(CheckpointError, match="bare.onnx lacks the ecmnet metadata"):
