@@ -17,6 +17,7 @@ Every failure raises :class:`ImageConversionError` whose ``kind`` names the prob
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import struct
@@ -288,6 +289,7 @@ def decode_quietly(buffer: np.ndarray) -> tuple[np.ndarray | None, str]:
         try:
             if _SINK is None:
                 _SINK = tempfile.TemporaryFile()  # unlinked at once: nothing is left behind
+                atexit.register(_SINK.close)
             sink = _SINK.fileno()
             os.dup2(sink, 2)
             try:
