@@ -41,10 +41,11 @@ def make_frames(n: int = 6, h: int = 64, w: int = 96, seed: int = 1) -> list[Bag
     return frames
 
 
-def segmenter(input_size: tuple[int, int] = (32, 48)) -> Segmenter:
+def segmenter(input_size: tuple[int, int] = (32, 48), dtype: str = "fp32") -> Segmenter:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random-weights warning
-        return Segmenter(InferenceConfig(model="baseline", num_classes=K, input_size=input_size, warmup=0))
+        return Segmenter(InferenceConfig(model="baseline", num_classes=K, input_size=input_size, warmup=0,
+                                         dtype=dtype))
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,17 @@ def test_offline_miou_equals_evaluator(labelled, seg: Segmenter) -> None:
     for iou, got in zip(expected["per_class"].values(), summary["accuracy"]["per_class"].values(), strict=True):
         assert (got is None and iou is None) or got == pytest.approx(iou, abs=1e-6)
     assert all(f.inference_ms > 0 and f.coverage.sum() == pytest.approx(1.0, abs=1e-5) for f in report.frames)
+
+
+def test_replay_and_eval_agree_with_bf16_convolutions(labelled) -> None:
+    """The same dtype gives the same numbers in replay and eval: bf16 (the CPU graph's convolutions in bf16)."""
+    bag, samples, _ = labelled
+    bf16 = segmenter(dtype="bf16")
+    expected = evaluate_samples(bf16, samples, info())
+    with BagReader(bag) as reader:
+        report = replay_offline(reader, bf16)
+    assert report.confusion.matrix.tolist() == expected["confusion_matrix"]
+    assert bf16.describe()["cpu_precision"] == "bf16 convolutions"
 
 
 def test_ground_truth_matched_by_stamp_in_any_order(tmp_path: Path, seg: Segmenter) -> None:
