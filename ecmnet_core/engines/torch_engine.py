@@ -277,6 +277,7 @@ class TorchEngine:
         """Move the weights to the CPU (frees GPU memory while a node is inactive); captured graphs are dropped."""
         self._graphs.clear()
         self._traces.clear()
+        self.chosen.clear()  # chosen again with the next capture
         self.model.to("cpu")
 
     def unpark(self) -> None:
