@@ -126,6 +126,12 @@ def test_onnxruntime_backend_gives_the_torch_labels(cache) -> None:
     a, b = torch_seg.segment(image), ort_seg.segment(image)
     assert a.labels.shape == b.labels.shape == image.shape[:2]
     assert (a.labels == b.labels).mean() >= 0.999
+    # the engines share one contract: the graph's own 1/2-resolution output, or the logits at the input size
+    x = torch_seg.preprocess(image)[None]
+    half, full = ort_seg.engine.logits(x, upsample=False), ort_seg.engine.logits(x)
+    assert half.shape[-2:] == torch_seg.engine.logits(x, upsample=False).shape[-2:] == (SIZE[0] // 2, SIZE[1] // 2)
+    assert full.shape[-2:] == torch_seg.engine.logits(x).shape[-2:] == SIZE
+    assert (full.argmax(1) == torch_seg.engine.logits(x).argmax(1)).float().mean() >= 0.999
     assert ort_seg.describe()["backend"] == "onnxruntime"
     Segmenter(InferenceConfig(backend="onnxruntime", **common))  # second one reuses the cached export
     assert len(list(cache.glob("*.onnx"))) == 1

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ecmnet_core.checkpoint import Checkpoint
@@ -103,14 +104,19 @@ class OnnxRuntimeEngine:
         self.input_size = tuple(int(v) for v in first.shape[2:])
 
     def logits(self, batch: Tensor, upsample: bool = True) -> Tensor:
-        """(B, 3, h, w) normalised float32 -> (B, K, h, w) float32 logits (on the CPU). The exported graph ends with
-        the upsampling, so ``upsample=False`` (lower-resolution logits welcome) changes nothing."""
+        """(B, 3, h, w) normalised float32 -> (B, K, h, w) float32 logits (on the CPU), as the torch engine's:
+        ``upsample=False`` returns the graph's own output (the cached export's ends at the network's 1/2
+        resolution; an ``ecmnet-core export`` file's at the input size), ``upsample=True`` brings it to the input
+        size with the model's own final bilinear upsampling."""
         if tuple(batch.shape[2:]) != self.input_size:
             raise ValueError(f"{self.path.name} takes {self.input_size[0]}x{self.input_size[1]} inputs, got "
                              f"{batch.shape[2]}x{batch.shape[3]}: set input_size to the exported size")
         array = batch.detach().to("cpu", torch.float32).contiguous().numpy()  # NCHW, whatever the memory format
         outs = [self.session.run(None, {self.input_name: array[i:i + 1]})[0] for i in range(array.shape[0])]
-        return torch.from_numpy(np.concatenate(outs, axis=0))
+        logits = torch.from_numpy(np.concatenate(outs, axis=0))
+        if upsample and logits.shape[-2:] != batch.shape[-2:]:
+            logits = F.interpolate(logits, size=tuple(batch.shape[-2:]), mode="bilinear", align_corners=False)
+        return logits
 
     def park(self) -> None:  # the session keeps its memory; nothing to move
         pass
