@@ -15,12 +15,12 @@ there, and an explicit ``bf16`` still runs (for accuracy checks), slowly.
 from __future__ import annotations
 
 import copy
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from ecmnet_core.bench.timing import time_interleaved
 
 #: Runs of each graph when ``auto`` chooses (after one warm-up each), interleaved.
 AUTO_RUNS = 3
@@ -69,25 +69,12 @@ def bf16_convolutions(module: nn.Module) -> nn.Module:
     return result
 
 
-def _median_ms(fn: Callable[[], object], runs: int) -> float:
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return sorted(samples)[len(samples) // 2]
-
-
 def time_graphs(graphs: dict[str, nn.Module], example: Tensor, runs: int = AUTO_RUNS) -> dict[str, float]:
     """Median ms of each graph on ``example``: one warm-up each, then ``runs`` interleaved rounds."""
     with torch.inference_mode():
-        for graph in graphs.values():
-            graph(example)
-        samples: dict[str, list[float]] = {name: [] for name in graphs}
-        for _ in range(runs):
-            for name, graph in graphs.items():
-                samples[name].append(_median_ms(lambda g=graph: g(example), 1))
-    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+        timings = time_interleaved({name: (lambda g=graph: g(example)) for name, graph in graphs.items()}, runs,
+                                   warmup=1, device=example.device)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 __all__ = ["AUTO_RUNS", "bf16_convolutions", "cpu_has_native_bf16", "time_graphs"]

@@ -123,7 +123,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
     if not upsample:
         if not hasattr(net, "classify_before_upsample"):
             raise ValueError(f"upsample=False needs an ECMNet, not a {type(net).__name__}")
-        net = _Unsampled(net)
+        net = FixedUpsample(net, upsample=False)
     x = torch.zeros(1, 3, h, w)
     with torch.no_grad(), warnings.catch_warnings():
         # TracerWarnings about shape comparisons (resize_to, FFM pooling): sizes are fixed per export
@@ -144,15 +144,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
                       file_bytes=path.stat().st_size, op_counts=dict(counts.most_common()))
 
 
-class _Unsampled(nn.Module):
-    """An ECMNet called with ``upsample=False`` (tracing takes positional inputs only)."""
+class FixedUpsample(nn.Module):
+    """An ECMNet with its ``upsample`` argument fixed, so that a captured or exported graph takes the input alone
+    (ONNX export here, ``torch.export`` in :func:`ecmnet_core.engines.torch_engine.capture`)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, upsample: bool) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.upsample = model, upsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, upsample=False)
+        return self.model(x, upsample=self.upsample)
 
 
 def checkpoint_metadata(ckpt: Checkpoint, input_size: tuple[int, int]) -> dict[str, str]:

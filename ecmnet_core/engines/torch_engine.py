@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ecmnet_core.checkpoint import Checkpoint
 from ecmnet_core.engines import cpu_precision
+from ecmnet_core.engines.export import FixedUpsample
 from ecmnet_core.model.fuse import optimize_for_inference
 from ecmnet_core.ops.op_registry import direct_kernel
 
@@ -59,7 +60,7 @@ def capture(model: nn.Module, example: Tensor, upsample: bool = True) -> nn.Modu
     before = set(_fx_sources())
     with torch.inference_mode(False), torch.no_grad():
         example = example.detach().clone()  # an inference tensor cannot enter export's functional tracing
-        program = torch.export.export(_Bound(model, upsample), (example,), strict=False)
+        program = torch.export.export(FixedUpsample(model, upsample), (example,), strict=False)
     module = program.module()
     streamline(module)
     # torch.fx keeps the source of every generated forward for tracebacks, for the life of the process: drop the
@@ -69,17 +70,6 @@ def capture(model: nn.Module, example: Tensor, upsample: bool = True) -> nn.Modu
     _forget_sources(set(_fx_sources()) - before - live)
     weakref.finalize(module, _forget_sources, live)
     return module
-
-
-class _Bound(nn.Module):
-    """``model`` with its ``upsample`` argument fixed, so that the captured graph takes the input alone."""
-
-    def __init__(self, model: nn.Module, upsample: bool) -> None:
-        super().__init__()
-        self.model, self.upsample = model, upsample
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x, upsample=self.upsample)
 
 
 def _fx_sources() -> dict:

@@ -474,8 +474,8 @@ class Trainer:
                                tensorboard=self.tensorboard, plots=self.plots)
         old_handlers = {}
         if _in_main_thread():
+            self._handler_pid = os.getpid()  # the process that installs the handlers (workers fork later)
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._handler_pid = os.getpid()
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
         stopped = "done"
         segment_start = time.perf_counter()
