@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["info", "--classes", "0"], "info: --classes must be >= 1"),
     (["bench", "model", "--threads", "0"], "bench model: --threads must be >= 1"),
     (["release", "nothing.pt", "out.pt"], "release: "),
+    (["release", "--position-only", "nothing.pt", "out.pt"], "release: "),
 ])
 def test_bad_input_exits_2_with_the_command_named(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -13,12 +13,12 @@ import torch
 from helpers import make_camvid
 from test_train_loop import assert_same_weights, tiny
 
-from ecmnet_core.checkpoint import load_checkpoint
+from ecmnet_core.checkpoint import load_checkpoint, save_checkpoint
 from ecmnet_core.data import DataError, build_dataset
 from ecmnet_core.data.layout import keeps, parse_split
 from ecmnet_core.data.transforms import TrainTransform, blur_noise
 from ecmnet_core.train.ema import ModelEMA
-from ecmnet_core.train.release import release_checkpoint
+from ecmnet_core.train.release import carry_position, release_checkpoint
 from ecmnet_core.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,6 +114,45 @@ def test_a_run_continues_from_its_release_when_the_folder_is_gone(camvid, tmp_pa
     assert again.optimizer.param_groups[0]["lr"] == pytest.approx(again.config.optim.lr * again.scheduler.factor(12))
     # the validation history goes on from the release's: epoch 2 (before the move), epoch 4 (after)
     assert [h[:2] for h in again.history] == [[2.0, 6.0], [4.0, 12.0]]
+
+
+def test_a_runs_position_carried_into_a_release_survives_the_folder_without_releasing_its_weights(camvid, tmp_path):
+    run = tmp_path / "run"
+    first = Trainer(ema_recipe(camvid), run, tensorboard=False, plots=False)
+
+    def stop_mid_epoch(optimizer, args, kwargs):
+        if first.global_iter == 4:  # stops after 5 of 12 iterations: two of epoch 2's three done
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first.optimizer.register_step_post_hook(stop_mid_epoch)
+    first.fit()
+    last = load_checkpoint(run / "last.pt")
+    # the shipped model: other weights (here the run's halved), which the carried position must leave alone
+    shipped = load_checkpoint(release_checkpoint(run / "last.pt", tmp_path / "shipped.pt"))
+    shipped.state_dict = {k: v / 2 if v.is_floating_point() else v for k, v in shipped.state_dict.items()}
+    save_checkpoint(shipped, tmp_path / "shipped.pt")
+    carry_position(run / "last.pt", tmp_path / "shipped.pt")
+    shutil.rmtree(run)  # a new machine: only the release survives
+
+    carried = load_checkpoint(tmp_path / "shipped.pt")
+    assert carried.training_state is None
+    assert_same_weights(carried.state_dict, shipped.state_dict)
+    cont = carried.continuation
+    assert (cont["epoch"], cont["iter_in_epoch"], cont["global_iter"], cont["iters_per_epoch"]) == (1, 2, 5, 3)
+    assert cont["ema_updates"] == 5 and all(v.dtype != torch.float32 for v in cont["ema_weights"].values())
+
+    again = Trainer(ema_recipe(camvid, f"train.init={tmp_path / 'shipped.pt'}"), tmp_path / "new",
+                    tensorboard=False, plots=False)
+    assert (again.epoch, again.iter_in_epoch, again.global_iter) == (1, 2, 5)
+    def via_fp16(weights):
+        return {k: v.half().float() if v.is_floating_point() else v for k, v in weights.items()}
+
+    assert_same_weights(again.ema.weights(), via_fp16(last.training_state["ema"]["weights"]))  # not the shipped
+    raw = via_fp16(last.state_dict)
+    live = again.model.state_dict()
+    assert all(torch.equal(live[k], raw[k]) for k in raw)
+    result = again.fit()
+    assert (result.iterations, result.epochs_done) == (12, 4)  # the rest of epoch 2, then epochs 3 and 4
 
 
 def test_a_release_of_another_schedule_is_a_plain_warm_start(camvid, tmp_path, capsys):

@@ -21,6 +21,7 @@ from torch import Tensor
 from ecmnet_core.checkpoint import Checkpoint
 from ecmnet_core.device import cache_dir
 from ecmnet_core.engines.export import DEFAULT_OPSET, ONNX_FORMAT, export_checkpoint
+from ecmnet_core.ops import fp_mode_cpu
 
 _INSTALL_HINT = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT), and onnx"
 
@@ -92,6 +93,8 @@ class OnnxRuntimeEngine:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        if os.environ.get(fp_mode_cpu.KEEP_ENV) != "1":  # as the torch engine (ecmnet_core.ops.fp_mode_cpu)
+            options.add_session_config_entry("session.set_denormal_as_zero", "1")
         options.log_severity_level = 3  # warnings about unsupported TensorRT nodes are expected; errors still raise
         providers = _providers(ort, device, dtype == "fp16", self.path.parent)
         try:

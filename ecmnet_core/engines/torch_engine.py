@@ -27,6 +27,7 @@ from ecmnet_core.checkpoint import Checkpoint
 from ecmnet_core.engines import cpu_precision
 from ecmnet_core.engines.export import FixedUpsample
 from ecmnet_core.model.fuse import optimize_for_inference
+from ecmnet_core.ops import fp_mode_cpu
 from ecmnet_core.ops.op_registry import direct_kernel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -198,6 +199,8 @@ class TorchEngine:
         ``upsample=False`` at the network's own output resolution (ECMNet: h/2 x w/2), to be resampled to the size
         the caller needs in one step, as :func:`ecmnet_core.inference.pipeline.logits_to_labels` does."""
         batch = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            fp_mode_cpu.flush_denormals()  # trained weights are often denormal: slow on Intel cores
         if self.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         if self.options.cuda_graphs:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ecmnet_core.data.classes import UNLABELED
 from ecmnet_core.data.transforms import Preprocess
 from ecmnet_core.model import ECMNet
-from ecmnet_core.ops import labels_cpu
+from ecmnet_core.ops import fp_mode_cpu, labels_cpu
 
 #: Test-time augmentations: none, or the mean of the logits of the image and of its mirror image.
 TTA_MODES = ("none", "flip")
@@ -95,6 +95,8 @@ class ModelRunner:
         return tta_logits(self._forward, batch.to(self.device, non_blocking=True), self.tta)
 
     def _forward(self, batch: Tensor) -> Tensor:
+        if self.device.type == "cpu":
+            fp_mode_cpu.flush_denormals()  # as the engines do
         with torch.autocast(self.device.type, enabled=self.amp):
             if isinstance(self.model, ECMNet):  # as the Segmenter: logits at the network's resolution
                 return self.model(batch, upsample=False).float()

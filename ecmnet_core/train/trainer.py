@@ -46,6 +46,7 @@ from ecmnet_core.data import (
 from ecmnet_core.device import resolve_device
 from ecmnet_core.evaluate import evaluate_samples
 from ecmnet_core.model import build_model, model_config
+from ecmnet_core.ops import fp_mode_cpu
 from ecmnet_core.train.config import TrainConfig
 from ecmnet_core.train.distributed import DistEnv, any_rank, barrier, broadcast_object
 from ecmnet_core.train.ema import ModelEMA
@@ -299,11 +300,14 @@ class Trainer:
         weights = {k: v.float() if v.is_floating_point() else v for k, v in raw.items()} if raw else ckpt.state_dict
         load_state_into(self.model, replace(ckpt, state_dict=weights), source)
         if self.ema is not None:
-            # the release's weights are the EMA's when the run had one; else the average starts from them
-            self.ema.load_state_dict({"weights": ckpt.state_dict, "updates": int(cont.get("ema_updates", 0))})
+            # the release's weights are the EMA's when the run had one (else the average starts from them), unless
+            # the record carries the run's position into a release of other weights (``release --position-only``)
+            ema = cont.get("ema_weights")
+            ema = {k: v.float() if v.is_floating_point() else v for k, v in ema.items()} if ema else ckpt.state_dict
+            self.ema.load_state_dict({"weights": ema, "updates": int(cont.get("ema_updates", 0))})
         self.epoch = int(cont["epoch"])
         self.global_iter = int(cont["global_iter"])
-        self.iter_in_epoch = 0
+        self.iter_in_epoch = int(cont.get("iter_in_epoch", 0))  # a position carried from last.pt may be mid-epoch
         self.best_miou = float(cont.get("best_miou", -1.0))
         self.best_epoch = int(cont.get("best_epoch", 0))
         self.wall_time = float(cont.get("wall_time", 0.0))
@@ -362,6 +366,7 @@ class Trainer:
             "iter_in_epoch": self.iter_in_epoch,
             "global_iter": self.global_iter,
             "total_iters": self.total_iters,
+            "iters_per_epoch": self.iters_per_epoch,
             "world_size": self.env.world_size,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -593,6 +598,8 @@ class Trainer:
         c, env = self.config.train, self.env
         images = prepare_batch(images.to(self.device, non_blocking=True), self.path)
         labels = labels.to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            fp_mode_cpu.flush_denormals()  # weight decay makes weights denormal: slow on Intel cores
         # BatchNorm statistics change in the forward pass: keep a copy to undo a bad batch (a few KB)
         saved_buffers = [b.detach().clone() for b in self.model.buffers()]
         with torch.autocast(self.device.type, enabled=self.amp):
