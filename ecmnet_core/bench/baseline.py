@@ -9,7 +9,11 @@ module or an operator. Both load the same checkpoint (default: this tree's packa
 end to end (``Segmenter.segment``: a uint8 BGR image in, labels out; the image is the input size, or a camera's
 ``image_size`` resized to it) and the forward alone
 (``engine.logits`` on a pre-processed batch), medians of interleaved rounds, the ratios, and the share of pixels
-whose labels agree.
+whose labels agree. ``dtype`` is this tree's ``InferenceConfig.dtype`` (the revision runs its default).
+
+Denormals: this tree flushes them to zero on PyTorch's threads (:mod:`ecmnet_core.ops.fp_mode_cpu`), which is
+process state the revision would inherit here; each of its calls is preceded by restoring IEEE denormals, so it
+runs as it did on its own (on Intel cores that is slower with the shipped weights).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 
 from ecmnet_core.bench.timing import disturbance_note, environment, time_interleaved
 from ecmnet_core.device import cache_dir
+from ecmnet_core.ops import fp_mode_cpu
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Where each version's ``Segmenter``/``InferenceConfig`` live (the package was reorganised after 2822c60).
@@ -46,6 +51,7 @@ class BaselineBenchConfig:
     #: The image size (a camera's), resized to each network input size; None: the input size itself.
     image_size: tuple[int, int] | None = None
     checkpoint: str | None = None
+    dtype: str = "fp32"
     runs: int = 20
     warmup: int = 3
     budget_s: float = 120.0
@@ -117,6 +123,12 @@ def _segmenter(module: ModuleType, checkpoint: str, size: tuple[int, int]):
                                                        warmup=1))
 
 
+def _as_it_ran(call, arg):
+    """``call(arg)`` of the revision, with IEEE denormals as it had them (this tree flushes them)."""
+    fp_mode_cpu.keep_denormals()
+    return call(arg)
+
+
 def bench_baseline(cfg: BaselineBenchConfig) -> dict:
     from ecmnet_core.checkpoint import DEFAULT_CHECKPOINT
     from ecmnet_core.inference import InferenceConfig, Segmenter
@@ -129,24 +141,28 @@ def bench_baseline(cfg: BaselineBenchConfig) -> dict:
     rng = np.random.default_rng(0)
     results = []
     for h, w in cfg.sizes:
-        new = Segmenter(InferenceConfig(checkpoint=checkpoint, device="cpu", input_size=(h, w), warmup=1))
+        new = Segmenter(InferenceConfig(checkpoint=checkpoint, device="cpu", input_size=(h, w), warmup=1,
+                                        dtype=cfg.dtype))
         old = _segmenter(old_module, checkpoint, (h, w))
         image = rng.integers(0, 256, (*(cfg.image_size or (h, w)), 3), dtype=np.uint8)
         batch_new = new.preprocess(image)[None]
         batch_old = old.preprocess(image)[None]
         timings = time_interleaved({
-            "new_e2e": lambda s=new, im=image: s.segment(im), "old_e2e": lambda s=old, im=image: s.segment(im),
+            "new_e2e": lambda s=new, im=image: s.segment(im),
+            "old_e2e": lambda s=old, im=image: _as_it_ran(s.segment, im),
             "new_forward": lambda s=new, x=batch_new: s.engine.logits(x),
-            "old_forward": lambda s=old, x=batch_old: s.engine.logits(x),
+            "old_forward": lambda s=old, x=batch_old: _as_it_ran(s.engine.logits, x),
         }, cfg.runs, cfg.warmup, device, cfg.budget_s)
-        agree = float((new.segment(image).labels == old.segment(image).labels).mean())
+        agree = float((new.segment(image).labels == _as_it_ran(old.segment, image).labels).mean())
         med = {k: t.median for k, t in timings.items()}
         results.append({"size": [h, w], "image_size": list(image.shape[:2]), **{f"{k}_ms": v for k, v in med.items()},
                         "e2e_speedup": med["old_e2e"] / med["new_e2e"],
                         "forward_speedup": med["old_forward"] / med["new_forward"], "label_agreement": agree,
                         "runs": min(len(t.samples_ms) for t in timings.values())})
     env = environment(device)
-    return {"rev": cfg.rev, "baseline_package": package, "checkpoint": checkpoint, "results": results,
+    chosen = list(dict.fromkeys(str(v) for v in getattr(new.engine, "chosen", {}).values()))
+    return {"rev": cfg.rev, "dtype": cfg.dtype, "chosen": chosen, "baseline_package": package,
+            "checkpoint": checkpoint, "results": results,
             "environment": env, "note": disturbance_note(load_before, env["load_avg_1min"], env["threads"])}
 
 
@@ -154,6 +170,9 @@ def format_baseline(report: dict) -> str:
     env = report["environment"]
     lines = [f"this tree against {report['rev']} ({env['device_name']}, {env['threads']} threads, "
              f"torch {env['torch']}), checkpoint {report['checkpoint']}",
+             f"this tree: dtype {report.get('dtype', 'fp32')}"
+             + (f" ({'; '.join(report['chosen'])})" if report.get("chosen") else "")
+             + f"; {report['rev']}: its default, with IEEE denormals as it ran (this tree flushes them)",
              f"{'size':>9}  {'image':>9}  {'e2e old':>8}  {'e2e new':>8}  {'speed-up':>8}  {'fwd old':>8}  "
              f"{'fwd new':>8}  {'speed-up':>8}  {'labels agree':>12}"]
     for r in report["results"]:

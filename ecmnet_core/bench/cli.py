@@ -179,6 +179,8 @@ def _add_baseline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", default=None, metavar="HxW",
                    help="camera image size, resized to each network input size (default: the input size itself)")
     p.add_argument("--checkpoint", default=None, help="checkpoint both load (default: the packaged CamVid model)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="this tree's inference dtype (default fp32; the revision runs its own default)")
     p.add_argument("--budget", type=float, default=120.0,
                    help="stop repeating one measurement after this many seconds (default 120)")
     _common(p, runs=20, warmup=3, device=False)
@@ -257,7 +259,7 @@ def _run_mode(args: argparse.Namespace) -> tuple[dict, Callable[[dict], str]]:
 
         return bench_baseline(BaselineBenchConfig(
             rev=args.rev, sizes=_sizes(args.sizes) or ((352, 480),), checkpoint=args.checkpoint, runs=args.runs,
-            warmup=args.warmup, budget_s=args.budget,
+            warmup=args.warmup, budget_s=args.budget, dtype=args.dtype,
             image_size=_sizes([args.image_size])[0] if args.image_size else None)), format_baseline
     from ecmnet_core.bench.points import bench_painting, format_painting
 
