@@ -26,6 +26,7 @@ import torch
 from ecmnet_core.allocator import keep_freed_memory
 from ecmnet_core.bench.timing import environment, time_interleaved
 from ecmnet_core.model import build_model, model_config
+from ecmnet_core.ops import fp_mode_cpu
 from ecmnet_core.train.losses import WeightedCrossEntropy
 from ecmnet_core.train.train_path import apply_train_path, prepare_batch, train_path
 
@@ -58,6 +59,7 @@ def _step_fn(model: torch.nn.Module, path_name: str, images: torch.Tensor, label
     x = prepare_batch(images, path)
 
     def step() -> float:
+        fp_mode_cpu.flush_denormals()  # as the trainer does
         optimizer.zero_grad(set_to_none=True)
         loss = criterion(model(x), labels)
         loss.backward()
