@@ -4,6 +4,7 @@ bad-batch handling and what the checkpoints hold."""
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import signal
 
@@ -123,6 +124,37 @@ def test_kill_and_resume_continues_exactly(reference, camvid, tmp_path):
     assert result.stopped == "done" and result.iterations == 12
     assert_same_weights(weights(resumed), weights(ref_trainer))
     assert [r.split(",")[0] for r in (tmp_path / "log.csv").read_text().splitlines()[1:]] == ["1", "2", "3", "4"]
+
+
+def test_sigterm_to_the_whole_run_including_its_loader_workers_still_saves_last_pt(camvid, tmp_path):
+    """``pkill -f "ecmnet-core train"`` or systemd's stop signal the data-loader workers as well as the trainer;
+    the workers ignore it, so the trainer finishes the iteration and saves instead of failing on a dead worker."""
+    first = Trainer(tiny(camvid, "data.workers=1"), tmp_path, tensorboard=False, plots=False)
+    ignored: list[bool] = []
+
+    def kill_everything_in_second_iteration(optimizer, args, kwargs):
+        if first.global_iter == 1:
+            workers = multiprocessing.active_children()
+            assert workers, "the data loader should have a worker process"
+            for worker in workers:
+                ignored.append(ignores_sigterm(worker.pid))
+                os.kill(worker.pid, signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first.optimizer.register_step_post_hook(kill_everything_in_second_iteration)
+    result = first.fit()
+    assert result.stopped == "signal" and result.iterations == 2
+    assert load_checkpoint(tmp_path / "last.pt").training_state["global_iter"] == 2
+    # whether a dead worker would have failed the run depends on when the signals land; its disposition does not
+    assert ignored == [True]
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """From the process's ignored-signal mask (Linux /proc)."""
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    raise AssertionError(f"/proc/{pid}/status has no SigIgn line")
 
 
 def ref_lr_at(trainer: Trainer, iteration: int) -> float:

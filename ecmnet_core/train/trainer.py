@@ -467,7 +467,8 @@ class Trainer:
         indices = list(self.sampler)[skip_batches * d.batch_size:]
         return DataLoader(self.train_set, batch_size=d.batch_size, sampler=indices, num_workers=d.workers,
                           drop_last=True, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False, prefetch_factor=2 if d.workers else None)
+                          persistent_workers=False, prefetch_factor=2 if d.workers else None,
+                          worker_init_fn=_worker_ignores_sigterm if d.workers else None)
 
     def fit(self) -> TrainResult:
         """Train until ``train.epochs`` (or ``train.max_iters``), validating every ``val_every`` epochs and at the
@@ -741,6 +742,14 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _worker_ignores_sigterm(worker_id: int) -> None:
+    """A SIGTERM meant for the whole run (``pkill -f``, systemd's stop, ``kill`` of the process group) reaches the
+    data-loader workers too; PyTorch's workers die of it unless their parent sent it, and the trainer then fails on
+    the dead worker instead of saving ``last.pt`` after the iteration. The trainer ends its workers itself (and they
+    exit when it dies), so they ignore it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _in_main_thread() -> bool:
     import threading
 
