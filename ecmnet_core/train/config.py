@@ -80,6 +80,9 @@ class OptimSection:
     eps: float = 1e-8
     momentum: float = 0.9
     nesterov: bool = False
+    #: weight decay also on one-dimensional parameters (norm affines, biases, PReLU slopes), as the paper's Adam;
+    #: false keeps it off them, where Adam's coupled decay starts killing whole branches (train/revive.py)
+    decay_norms_and_biases: bool = True
 
 
 @dataclass
@@ -123,6 +126,9 @@ class TrainSection:
     #: after such a continuation the optimiser moments start from zero: ramp the learning rate up over this many
     #: iterations so the first steps are not larger than the schedule's
     rewarm_iters: int = 45
+    #: after a warm start (train.init, not a continuation), re-initialise the parts weight decay killed without
+    #: changing the model's output (ecmnet_core.train.revive)
+    revive: bool = False
 
 
 @dataclass

@@ -14,8 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ecmnet_core.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from ecmnet_core.train.revive import VANISHED
 
 
 def release_checkpoint(src: str | Path, dst: str | Path, notes: dict | None = None) -> Path:
@@ -54,6 +58,34 @@ def carry_position(src: str | Path, dst: str | Path) -> Path:
     return save_checkpoint(rel, dst)
 
 
+
+
+def vanished_weights(state_dict: dict[str, torch.Tensor], threshold: float = VANISHED) -> dict[str, Any]:
+    """Weights that training drove to (near) zero: the total below ``threshold`` in magnitude, how many of them are
+    denormal (slow on Intel cores, ``ecmnet_core.ops.fp_mode_cpu``), and per tensor with any, the count and, for a
+    matrix or convolution weight, the output rows and input columns that vanished entirely (dead channels)."""
+    tiny = torch.finfo(torch.float32).tiny
+    total = denormal = 0
+    tensors: dict[str, dict[str, int]] = {}
+    for name, w in state_dict.items():
+        if not w.is_floating_point() or name.endswith(("running_mean", "running_var")):
+            continue
+        w = w.detach().float()
+        small = w.abs() < threshold
+        count = int(small.sum())
+        denormal += int((small & (w != 0) & (w.abs() < tiny)).sum())
+        total += count
+        if not count:
+            continue
+        entry = {"vanished": count, "of": w.numel()}
+        if w.dim() >= 2:
+            flat = small.reshape(w.shape[0], w.shape[1], -1)
+            entry["dead_rows"] = int(flat.all(2).all(1).sum())
+            entry["dead_cols"] = int(flat.all(2).all(0).sum())
+        tensors[name] = entry
+    return {"threshold": threshold, "vanished": total, "denormal": denormal, "tensors": tensors}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="training checkpoint (e.g. runs/<run>/best.pt)")
     parser.add_argument("dst", help="where to write the release checkpoint")
@@ -81,5 +113,6 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(path)
     print(json.dumps({"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
                       "model": ckpt.model_config.name, "classes": ckpt.num_classes,
-                      "input_size": ckpt.input_size, "metadata": ckpt.metadata}, indent=2))
+                      "input_size": ckpt.input_size, "metadata": ckpt.metadata,
+                      "vanished_weights": vanished_weights(ckpt.state_dict)}, indent=2))
     return 0

@@ -25,8 +25,8 @@ None of the options changes the function the model computes (tests compare losse
 Measured and left out of the default (``ecmnet-core bench train``, MODEL_CARD.md): bf16 autocast (no faster
 than fp32 channels-last on a Zen 4 with avx512_bf16: oneDNN's bf16 convolutions do not win at these channel
 counts, and the casts cost what they save; on a 2-core Xeon with AMX 3.75 against 2.59 s a batch-8 step at
-360x480, the fused fp32 kernels falling back around bf16 tensors) and ``torch.compile`` of the model (about 340 s to compile and no
-faster per step).
+360x480, the fused fp32 kernels falling back around bf16 tensors) and ``torch.compile`` of the model (about 340 s
+to compile and no faster per step).
 """
 
 from __future__ import annotations

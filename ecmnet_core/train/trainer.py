@@ -51,6 +51,7 @@ from ecmnet_core.train.config import TrainConfig
 from ecmnet_core.train.distributed import DistEnv, any_rank, barrier, broadcast_object
 from ecmnet_core.train.ema import ModelEMA
 from ecmnet_core.train.losses import WeightedCrossEntropy
+from ecmnet_core.train.revive import revive_vanished
 from ecmnet_core.train.run_log import EpochRecord, RunLogger
 from ecmnet_core.train.schedule import WarmupPolyLR, effective_warmup
 from ecmnet_core.train.train_path import apply_train_path, prepare_batch, train_path
@@ -217,7 +218,8 @@ class Trainer:
 
         decay, no_decay = [], []
         for p in self.model.parameters():
-            (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
+            exempt = getattr(p, "_no_weight_decay", False) or (not o.decay_norms_and_biases and p.dim() <= 1)
+            (no_decay if exempt else decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         name = o.name.lower()
         fused = {"fused": True} if self.path.fused_optimizer else {}  # same update, one kernel
@@ -289,6 +291,13 @@ class Trainer:
                 print(f"train.init {source}: its schedule differs ({'; '.join(mismatch)}): warm start from its "
                       "weights with a fresh schedule", file=sys.stderr)
         load_state_into(self.model, ckpt, source)
+        if self.config.train.revive:
+            revived = revive_vanished(self.model, seed=self.config.train.seed)
+            if self.ema is not None:  # the average starts from the revived weights, not the random ones
+                self.ema.load_state_dict({"weights": self.model.state_dict(), "updates": 0})
+            if self.env.is_main:
+                print(f"train.revive: {revived['ffn']} FFN block(s) and {revived['ss2d_channels']} SS2D channel(s) "
+                      "re-initialised (output unchanged)", file=sys.stderr)
 
     def _continue_from(self, ckpt: Checkpoint, source: str) -> None:
         """Go on with a run from its release: weights, EMA, iteration (hence learning rate), epoch, best mIoU and
