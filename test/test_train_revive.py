@@ -35,17 +35,19 @@ def test_revival_keeps_the_output_and_gives_the_dead_parts_gradients(shipped):
     with torch.no_grad():
         before = model(x)
     revived = revive_vanished(model)
-    assert revived["ffn"] == 1 and revived["ss2d_channels"] > 200
+    assert revived["ffn"] == 1 and revived["ss2d_channels"] > 200 and revived["msau_gates"] >= 1
     with torch.no_grad():
         after = model(x)
     assert torch.allclose(before, after, atol=1e-5, rtol=0)  # only the vanished (< 1e-20) weights' share changes
-    assert revive_vanished(model) == {"ffn": 0, "ss2d_channels": 0}  # nothing left to revive
+    assert revive_vanished(model) == {"ffn": 0, "ss2d_channels": 0, "msau_gates": 0}  # nothing left to revive
     model.zero_grad()
     model(x).square().mean().backward()
     ffn, ss2d = model.ffm.ffn, model.ffm.vss.ss2d
     assert ffn.fc2.weight.grad.abs().sum() > 0  # the zeroed last layers learn at once
     dead = ss2d.out_proj.weight.detach().abs().sum(0) == 0
     assert ss2d.out_proj.weight.grad[:, dead].abs().sum() > 0
+    gates = [m.spatial_pw for m in model.msau if not m.spatial_pw.weight.detach().any()]  # the revived ones
+    assert len(gates) == revived["msau_gates"] and all(pw.weight.grad.abs().sum() > 0 for pw in gates)
 
 
 def test_the_recipe_switches(tmp_path):

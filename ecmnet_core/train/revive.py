@@ -6,12 +6,14 @@ term like a gradient. Once a LayerNorm's affine parameters or a residual branch'
 layers around them get no gradient either and follow. In the shipped CamVid model (``ecmnet-core release`` prints
 ``vanished_weights``): the FFM's whole FFN (its LayerNorm, fc1 and fc2: 82,688 weights below 1e-20) and 239 of
 SS2D's 256 inner channels (their ``z`` gate rows of ``in_proj`` and ``out_proj`` columns) are dead, so the FFM
-passes its input through nearly untouched.
+passes its input through nearly untouched; so is the second MSAU's spatial gate.
 
 :func:`revive_vanished` re-initialises those parts so that they can learn again while the model's output stays
 what it was: the FFN's LayerNorm back to (1, 0), fc1 freshly initialised and fc2's weight zero (the branch adds
 fc2's bias, as before); in each dead SS2D channel the ``z`` row of ``in_proj`` freshly initialised, ``out_norm``
-back to (1, 0) and the ``out_proj`` column zero (the channel adds nothing, as before). The zero last layers get
+back to (1, 0) and the ``out_proj`` column zero (the channel adds nothing, as before); an MSAU whose spatial gate's
+two convolutions vanished (the second one's did) gets a fresh depthwise kernel and a zero pointwise weight (the gate
+stays the constant sigmoid of its bias). The zero last layers get
 gradients at once (their inputs are no longer zero), the rest through them. Used with ``optim.decay_norms_and_biases:
 false``, which keeps the decay off the one-dimensional parameters where the collapse starts.
 """
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from ecmnet_core.model.ffm import FFN
+from ecmnet_core.model.msau import MSAU
 from ecmnet_core.model.ss2d import SS2D
 
 #: weights this far below the trained ones' scale (~1e-2) carry no signal: weight decay drove them there
@@ -65,15 +68,30 @@ def _revive_ss2d(ss2d: SS2D, generator: torch.Generator) -> int:
     return count
 
 
+def _revive_msau_gate(msau: MSAU, generator: torch.Generator) -> int:
+    """The spatial gate s = sigmoid(PW(DW7(p))) with both convolutions vanished is the constant sigmoid(PW's bias):
+    DW7 freshly initialised and PW's weight zero keep that constant and let PW learn."""
+    if not (bool(_vanished(msau.spatial_pw.weight).all()) and bool(_vanished(msau.spatial_dw.weight).all())):
+        return 0
+    with torch.no_grad():
+        dw = msau.spatial_dw
+        bound = 1.0 / math.sqrt(dw.weight[0].numel())  # nn.Conv2d's default initialisation bound
+        dw.weight.copy_(torch.empty_like(dw.weight).uniform_(-bound, bound, generator=generator))
+        msau.spatial_pw.weight.zero_()
+    return 1
+
+
 def revive_vanished(model: nn.Module, seed: int = 0) -> dict[str, int]:
-    """Revive every dead FFN and dead SS2D channel of ``model`` in place (see the module docstring); returns what
-    was revived: ``{"ffn": blocks, "ss2d_channels": channels}``. The output is unchanged up to the vanished
-    weights' size (below 1e-20)."""
+    """Revive every dead FFN, dead SS2D channel and dead MSAU spatial gate of ``model`` in place (see the module
+    docstring); returns ``{"ffn": blocks, "ss2d_channels": channels, "msau_gates": gates}`` revived. The output is
+    unchanged up to the vanished weights' size (below 1e-20)."""
     generator = torch.Generator().manual_seed(seed)
-    out = {"ffn": 0, "ss2d_channels": 0}
+    out = {"ffn": 0, "ss2d_channels": 0, "msau_gates": 0}
     for module in model.modules():
         if isinstance(module, FFN):
             out["ffn"] += _revive_ffn(module, generator)
+        elif isinstance(module, MSAU):
+            out["msau_gates"] += _revive_msau_gate(module, generator)
         elif isinstance(module, SS2D):
             out["ss2d_channels"] += _revive_ss2d(module, generator)
     return out

@@ -296,8 +296,9 @@ class Trainer:
             if self.ema is not None:  # the average starts from the revived weights, not the random ones
                 self.ema.load_state_dict({"weights": self.model.state_dict(), "updates": 0})
             if self.env.is_main:
-                print(f"train.revive: {revived['ffn']} FFN block(s) and {revived['ss2d_channels']} SS2D channel(s) "
-                      "re-initialised (output unchanged)", file=sys.stderr)
+                print(f"train.revive: {revived['ffn']} FFN block(s), {revived['ss2d_channels']} SS2D channel(s) and "
+                      f"{revived['msau_gates']} MSAU spatial gate(s) re-initialised (output unchanged)",
+                      file=sys.stderr)
 
     def _continue_from(self, ckpt: Checkpoint, source: str) -> None:
         """Go on with a run from its release: weights, EMA, iteration (hence learning rate), epoch, best mIoU and
