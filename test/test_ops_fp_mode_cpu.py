@@ -1,9 +1,10 @@
 """Denormals flushed to zero on PyTorch's intra-op threads (``ecmnet_core.ops.fp_mode_cpu``), by the CPU engines
 before a forward and the trainer before a step.
 
-Each check runs on a fresh Python thread, which gets a fresh MXCSR and its own OpenMP team, so nothing leaks into
-other tests. A product of two normal floats that is denormal (1e-20 * 1e-20 = 1e-40) shows the mode: 0 with
-flush-to-zero, 1e-40 without. The tensor is large enough that PyTorch splits the multiply across both threads.
+Each check runs on a fresh Python thread with its own OpenMP team, set to IEEE denormals first (a thread starts
+with its creator's mode), so nothing leaks into other tests. A product of two normal floats that is denormal
+(1e-20 * 1e-20 = 1e-40) shows the mode: 0 with flush-to-zero, 1e-40 without. The tensor is large enough that
+PyTorch splits the multiply across both threads.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def on_fresh_thread(body: Callable[[], object]) -> object:
         saved = torch.get_num_threads()
         torch.set_num_threads(2)
         try:
+            # a new thread starts with its creator's mode, which earlier tests' segmenters may have set
+            assert fp_mode_cpu.keep_denormals()
             out["value"] = body()
         except BaseException as exc:  # handed to the test thread
             out["error"] = exc
