@@ -87,9 +87,11 @@ class SS2D(nn.Module):
     def cross_merge(ys: Tensor, h: int, w: int) -> Tensor:
         """(B, 4, C, L) -> (B, C, L) in row-major order: the inverse mappings of :meth:`cross_scan`, summed."""
         b, _, c, length = ys.shape
-        rows = ys[:, 0] + ys[:, 2].flip(-1)
-        cols = ys[:, 1] + ys[:, 3].flip(-1)
-        cols = cols.view(b, c, w, h).transpose(2, 3).reshape(b, c, length)
+        # unbind, not ys[:, k]: each indexing's backward zero-fills a gradient the size of all of ys (4 x 22 MB a
+        # training step at 360x480, batch 8); unbind's stacks the four. Same values.
+        y0, y1, y2, y3 = ys.unbind(1)
+        rows = y0 + y2.flip(-1)
+        cols = (y1 + y3.flip(-1)).view(b, c, w, h).transpose(2, 3).reshape(b, c, length)
         return rows + cols
 
     def forward(self, x: Tensor) -> Tensor:
