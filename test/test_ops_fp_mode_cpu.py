@@ -72,12 +72,12 @@ def test_the_environment_keeps_denormals(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:RANDOM WEIGHTS")
-def test_a_cpu_segmenter_runs_its_forward_with_denormals_flushed():
+def test_a_cpu_segmenter_runs_its_forward_with_denormals_flushed_and_says_so():
     from ecmnet_core.inference import InferenceConfig, Segmenter
 
     def body():
         seg = Segmenter(InferenceConfig(model="baseline", device="cpu", input_size=(32, 48)))
         seg.segment(np.zeros((32, 48, 3), np.uint8))
-        return zero_products()
+        return zero_products(), seg.describe()["denormals"]
 
-    assert on_fresh_thread(body) == TINY.numel()
+    assert on_fresh_thread(body) == (TINY.numel(), "flushed to zero")  # also in the node's /diagnostics

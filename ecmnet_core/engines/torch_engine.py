@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import linecache
+import os
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -184,6 +185,7 @@ class TorchEngine:
         self._jit = opts.jit and device.type == "cpu" and not opts.compile
         self._cpu_bf16_graph = device.type == "cpu" and opts.dtype == "bf16" and self._jit
         self._traces: dict[tuple[int, ...], nn.Module] = {}
+        self._flushed: bool | None = None  # CPU: whether the last forward ran with denormals flushed to zero
 
     @property
     def dtype(self) -> str:
@@ -199,8 +201,8 @@ class TorchEngine:
         ``upsample=False`` at the network's own output resolution (ECMNet: h/2 x w/2), to be resampled to the size
         the caller needs in one step, as :func:`ecmnet_core.inference.pipeline.logits_to_labels` does."""
         batch = batch.to(self.device, non_blocking=True)
-        if self.device.type == "cpu":
-            fp_mode_cpu.flush_denormals()  # trained weights are often denormal: slow on Intel cores
+        if self.device.type == "cpu":  # trained weights are often denormal: slow on Intel cores
+            self._flushed = fp_mode_cpu.flush_denormals()
         if self.options.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         if self.options.cuda_graphs:
@@ -284,4 +286,8 @@ class TorchEngine:
         described = {"backend": "torch", "optimisations": ", ".join(flags) or "none"}
         if self.chosen:
             described["cpu_precision"] = "; ".join(dict.fromkeys(self.chosen.values()))
+        if self._flushed is not None:
+            described["denormals"] = "flushed to zero" if self._flushed else (
+                f"kept ({fp_mode_cpu.KEEP_ENV}=1)" if os.environ.get(fp_mode_cpu.KEEP_ENV) == "1"
+                else "kept (the flush needs an x86 CPU and a C++ compiler)")
         return described
