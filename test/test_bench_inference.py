@@ -107,3 +107,21 @@ def test_conv_kinds_by_weight_shape() -> None:
 def test_profile_refuses_an_unknown_path() -> None:
     with pytest.raises(SystemExit, match="unknown path 'fast'"):
         main(["bench", "profile", "--path", "fast", "--random", "--sizes", "48x64"])
+
+
+def test_paths_are_scored_on_a_labelled_split(tmp_path) -> None:
+    """``--miou DATA``: every path's mIoU on the split's labels, at the first size, printed beside the timings."""
+    from helpers import make_camvid
+
+    from ecmnet_core.bench.inference import format_paths
+
+    if not DEFAULT_CHECKPOINT.is_file():
+        pytest.skip("packaged checkpoint missing")
+    root = make_camvid(tmp_path / "camvid", n_train=1, n_val=2)
+    result = bench_paths(PathsBenchConfig(device="cpu", sizes=((48, 64),), runs=1, warmup=0, paths=("torch",),
+                                          miou=str(root), miou_split="val"))
+    scores = result["miou"]
+    assert set(scores) == {BASELINE, "torch"} and all(s["images"] == 2 for s in scores.values())
+    assert 0.0 <= scores[BASELINE]["miou"] <= 1.0
+    assert scores["torch"]["miou"] == pytest.approx(scores[BASELINE]["miou"], abs=0.01)  # same labels, nearly
+    assert f"mIoU of torch: {100 * scores['torch']['miou']:.2f} %" in format_paths(result)

@@ -136,6 +136,10 @@ def _add_inference(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agreement", default=None, metavar="DIR",
                    help="also compare every path's arg-max labels with the baseline's on these images")
     p.add_argument("--agreement-limit", type=int, default=None, help="use only the first N images of --agreement")
+    p.add_argument("--miou", default=None, metavar="DATA",
+                   help="also score every path's mIoU on this labelled dataset's --miou-split, at the first size")
+    p.add_argument("--miou-split", default="val", help="split of --miou (default val)")
+    p.add_argument("--miou-limit", type=int, default=None, help="use only the first N samples of --miou")
     p.add_argument("--budget", type=float, default=60.0,
                    help="stop repeating one measurement after this many seconds (default 60)")
     p.add_argument("--progress", action="store_true", help="report each finished measurement on stderr")
@@ -232,7 +236,8 @@ def _run_mode(args: argparse.Namespace) -> tuple[dict, Callable[[dict], str]]:
         cfg = PathsBenchConfig(
             checkpoint=args.checkpoint, model=args.model if args.random else None, classes=args.classes,
             device=args.device, paths=tuple(args.paths) if args.paths else None, runs=args.runs,
-            warmup=args.warmup, budget_s=args.budget, agreement=args.agreement,
+            warmup=args.warmup, budget_s=args.budget, agreement=args.agreement, miou=args.miou,
+            miou_split=args.miou_split, miou_limit=args.miou_limit,
             agreement_limit=args.agreement_limit,
             progress=(lambda m: print(m, file=sys.stderr, flush=True)) if args.progress else None)
         if args.sizes:

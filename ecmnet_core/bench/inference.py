@@ -33,10 +33,13 @@ from ecmnet_core.checkpoint import (
     random_checkpoint,
     random_checkpoint_hash,
 )
-from ecmnet_core.data.builders import IMAGE_EXTENSIONS, image_files
+from ecmnet_core.data import load_raw
+from ecmnet_core.data.builders import IMAGE_EXTENSIONS, build_dataset, detect_kind, image_files
 from ecmnet_core.data.transforms import Preprocess
 from ecmnet_core.device import resolve_device
 from ecmnet_core.engines import OnnxRuntimeEngine, TorchEngine, TorchEngineOptions, onnx_model_for
+from ecmnet_core.inference.pipeline import logits_to_labels
+from ecmnet_core.metrics import ConfusionMatrix
 from ecmnet_core.model.attention import set_attention_backend
 
 BASELINE = "eager"
@@ -90,6 +93,9 @@ class PathsBenchConfig:
     budget_s: float = 60.0  # per path and size: stop timing early past this
     agreement: str | None = None  # folder of images
     agreement_limit: int | None = None
+    miou: str | None = None  # a labelled dataset root: every path's mIoU on its split, at the first size
+    miou_split: str = "val"
+    miou_limit: int | None = None
     progress: Callable[[str], None] | None = None
     onnx_cache: Path | None = None
     extra: dict = field(default_factory=dict)
@@ -154,6 +160,30 @@ def _load_inputs(files: list[Path], preprocess: Preprocess) -> list[Tensor]:
     return inputs
 
 
+def _scored_inputs(root: str, split: str, limit: int | None, preprocess: Preprocess, num_classes: int
+                   ) -> tuple[list[tuple[Tensor, np.ndarray]], int]:
+    """(network input, label) of every sample of a labelled split, and the dataset's ignore index."""
+    info, samples = build_dataset(detect_kind(root), root, split)
+    if info.num_classes != num_classes:
+        raise ValueError(f"--miou {root}: {info.num_classes} classes, the checkpoint has {num_classes}")
+    count = min(len(samples), limit) if limit else len(samples)
+    pairs = []
+    for i in range(count):
+        image, label = load_raw(samples, i)
+        if label is None:
+            raise ValueError(f"--miou {root} split {split}: sample {i} has no label")
+        pairs.append((preprocess(image)[None], label))
+    return pairs, info.ignore_index
+
+
+def _miou(runner, pairs: list[tuple[Tensor, np.ndarray]], num_classes: int, ignore_index: int) -> dict:
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    for x, label in pairs:
+        pred, _ = logits_to_labels(runner.logits(x).float().cpu(), label.shape)
+        cm.update(pred, label)
+    return {"images": len(pairs), "miou": cm.miou(), "miou_framework": cm.miou_framework()}
+
+
 def _labels(runner, x: Tensor) -> np.ndarray:
     return runner.logits(x).argmax(1).to(torch.uint8).cpu().numpy()
 
@@ -192,6 +222,9 @@ def bench_paths(cfg: PathsBenchConfig) -> dict:
     images = _images(cfg.agreement, cfg.agreement_limit) if cfg.agreement else []
     # read and pre-process the agreement images once, at the first size, for every path
     inputs = _load_inputs(images, ckpt.preprocess(cfg.sizes[0])) if images else []
+    scored, ignore = (_scored_inputs(cfg.miou, cfg.miou_split, cfg.miou_limit, ckpt.preprocess(cfg.sizes[0]),
+                                     ckpt.num_classes) if cfg.miou else ([], 255))
+    scores: dict[str, dict] = {}
     for size in cfg.sizes:
         key = f"{size[0]}x{size[1]}"
         gen = torch.Generator().manual_seed(0)
@@ -224,6 +257,10 @@ def bench_paths(cfg: PathsBenchConfig) -> dict:
                     total += labels.size
                 agreement[name] = {"images": len(images), "pixels": total, "identical": same / max(total, 1)}
                 say(f"{key} {name}: identical labels on {100 * same / max(total, 1):.4f} % of pixels")
+        if scored and size == cfg.sizes[0]:
+            for name, runner in runners.items():
+                scores[name] = _miou(runner, scored, ckpt.num_classes, ignore)
+                say(f"{key} {name}: mIoU {100 * scores[name]['miou']:.2f} %")
         del runners
         base = results[key].get(BASELINE, {})
         for entry in results[key].values():
@@ -235,6 +272,7 @@ def bench_paths(cfg: PathsBenchConfig) -> dict:
         "classes": ckpt.num_classes, "batch": 1, "baseline": BASELINE, "paths": list(names),
         "skipped_cuda_only": skipped, "results": results, "agreement": agreement,
         "agreement_size": list(cfg.sizes[0]) if images else None, "agreement_folder": cfg.agreement,
+        "miou": scores, "miou_data": f"{cfg.miou} split {cfg.miou_split}" if cfg.miou else None,
         "runs": cfg.runs, "warmup": cfg.warmup, "environment": env,
         "note": disturbance_note(load_before, env["load_avg_1min"], env["threads"]),
         "pid": os.getpid(),
@@ -260,6 +298,9 @@ def format_paths(r: dict) -> str:
         h, w = r["agreement_size"]
         lines.append(f"labels of {name} identical to the baseline's on {100 * a['identical']:.4f} % of "
                      f"{a['pixels']:,} pixels ({a['images']} images of {r['agreement_folder']} at {h}x{w})")
+    for name, m in r.get("miou", {}).items():
+        lines.append(f"mIoU of {name}: {100 * m['miou']:.2f} % (framework {100 * m['miou_framework']:.2f} %) on "
+                     f"{m['images']} images of {r['miou_data']} at {next(iter(r['results']))}")
     if r["skipped_cuda_only"]:
         lines.append(f"skipped (CUDA only): {', '.join(r['skipped_cuda_only'])}")
     if r["note"]:
