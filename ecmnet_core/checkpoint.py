@@ -118,6 +118,12 @@ class Checkpoint:
         return ckpt
 
 
+def cast_floats(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``weights`` with every floating-point tensor in ``dtype`` (e.g. fp16 for a release's continuation record,
+    back to fp32 to load it); integer buffers as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+
+
 def file_sha256(path: str | os.PathLike, length: int = 12) -> str:
     """Short content hash of a file, reported by the node's diagnostics."""
     digest = hashlib.sha256()

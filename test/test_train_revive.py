@@ -8,8 +8,7 @@ import torch
 from test_train_loop import tiny
 
 from ecmnet_core.checkpoint import load_checkpoint
-from ecmnet_core.train.release import vanished_weights
-from ecmnet_core.train.revive import revive_vanished
+from ecmnet_core.train.revive import revive_vanished, vanished_weights
 from ecmnet_core.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

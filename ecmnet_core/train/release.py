@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ecmnet_core.checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
-from ecmnet_core.train.revive import VANISHED
+from ecmnet_core.checkpoint import CheckpointError, cast_floats, file_sha256, load_checkpoint, save_checkpoint
+from ecmnet_core.train.revive import vanished_weights
 
 
 def release_checkpoint(src: str | Path, dst: str | Path, notes: dict | None = None) -> Path:
@@ -43,47 +42,17 @@ def carry_position(src: str | Path, dst: str | Path) -> Path:
         raise CheckpointError(f"{src} and {dst} hold different architectures (their weight names differ)")
     per_epoch = state.get("iters_per_epoch") or state["total_iters"] // int(run.metadata["recipe"]["train"]["epochs"])
 
-    def fp16(weights: dict) -> dict:
-        return {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
-
     rel.continuation = {
         "epoch": state["epoch"], "iter_in_epoch": state["iter_in_epoch"], "global_iter": state["global_iter"],
         "total_iters": state["total_iters"], "iters_per_epoch": per_epoch, "best_miou": state["best_miou"],
         "best_epoch": state["best_epoch"], "wall_time": state.get("wall_time", 0.0),
         "history": state.get("history", []), "ema_updates": state["ema"]["updates"],
-        "raw_weights": fp16(run.state_dict), "ema_weights": fp16(state["ema"]["weights"]),
+        "raw_weights": cast_floats(run.state_dict, torch.float16),
+        "ema_weights": cast_floats(state["ema"]["weights"], torch.float16),
     }
     rel.metadata = {**rel.metadata, "position_from": f"{Path(src).name}: epoch {state['epoch']}, iteration "
                                                       f"{state['global_iter']} of {state['total_iters']}"}
     return save_checkpoint(rel, dst)
-
-
-
-
-def vanished_weights(state_dict: dict[str, torch.Tensor], threshold: float = VANISHED) -> dict[str, Any]:
-    """Weights that training drove to (near) zero: the total below ``threshold`` in magnitude, how many of them are
-    denormal (slow on Intel cores, ``ecmnet_core.ops.fp_mode_cpu``), and per tensor with any, the count and, for a
-    matrix or convolution weight, the output rows and input columns that vanished entirely (dead channels)."""
-    tiny = torch.finfo(torch.float32).tiny
-    total = denormal = 0
-    tensors: dict[str, dict[str, int]] = {}
-    for name, w in state_dict.items():
-        if not w.is_floating_point() or name.endswith(("running_mean", "running_var")):
-            continue
-        w = w.detach().float()
-        small = w.abs() < threshold
-        count = int(small.sum())
-        denormal += int((small & (w != 0) & (w.abs() < tiny)).sum())
-        total += count
-        if not count:
-            continue
-        entry = {"vanished": count, "of": w.numel()}
-        if w.dim() >= 2:
-            flat = small.reshape(w.shape[0], w.shape[1], -1)
-            entry["dead_rows"] = int(flat.all(2).all(1).sum())
-            entry["dead_cols"] = int(flat.all(2).all(0).sum())
-        tensors[name] = entry
-    return {"threshold": threshold, "vanished": total, "denormal": denormal, "tensors": tensors}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

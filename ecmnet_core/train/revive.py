@@ -21,6 +21,7 @@ false``, which keeps the decay off the one-dimensional parameters where the coll
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,32 @@ VANISHED = 1e-20
 
 def _vanished(t: torch.Tensor) -> torch.Tensor:
     return t.detach().abs() < VANISHED
+
+
+def vanished_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Weights that training drove to (near) zero: the total below :data:`VANISHED` in magnitude, how many of them are
+    denormal (slow on Intel cores, ``ecmnet_core.ops.fp_mode_cpu``), and per tensor with any, the count and, for a
+    matrix or convolution weight, the output rows and input columns that vanished entirely (dead channels)."""
+    tiny = torch.finfo(torch.float32).tiny
+    total = denormal = 0
+    tensors: dict[str, dict[str, int]] = {}
+    for name, w in state_dict.items():
+        if not w.is_floating_point() or name.endswith(("running_mean", "running_var")):
+            continue
+        w = w.detach().float()  # fp16 copies too
+        small = _vanished(w)
+        count = int(small.sum())
+        denormal += int((small & (w != 0) & (w.abs() < tiny)).sum())
+        total += count
+        if not count:
+            continue
+        entry = {"vanished": count, "of": w.numel()}
+        if w.dim() >= 2:
+            flat = small.reshape(w.shape[0], w.shape[1], -1)
+            entry["dead_rows"] = int(flat.all(2).all(1).sum())
+            entry["dead_cols"] = int(flat.all(2).all(0).sum())
+        tensors[name] = entry
+    return {"threshold": VANISHED, "vanished": total, "denormal": denormal, "tensors": tensors}
 
 
 def _revive_ffn(ffn: FFN, generator: torch.Generator) -> int:
@@ -97,4 +124,4 @@ def revive_vanished(model: nn.Module, seed: int = 0) -> dict[str, int]:
     return out
 
 
-__all__ = ["VANISHED", "revive_vanished"]
+__all__ = ["VANISHED", "revive_vanished", "vanished_weights"]

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ecmnet_core.checkpoint import (
     Checkpoint,
     CheckpointError,
+    cast_floats,
     load_checkpoint,
     load_state_into,
     remove_stale_temporaries,
@@ -307,13 +308,13 @@ class Trainer:
         the uninterrupted run's."""
         cont = ckpt.continuation or {}
         raw = cont.get("raw_weights")
-        weights = {k: v.float() if v.is_floating_point() else v for k, v in raw.items()} if raw else ckpt.state_dict
+        weights = cast_floats(raw, torch.float32) if raw else ckpt.state_dict
         load_state_into(self.model, replace(ckpt, state_dict=weights), source)
         if self.ema is not None:
             # the release's weights are the EMA's when the run had one (else the average starts from them), unless
             # the record carries the run's position into a release of other weights (``release --position-only``)
             ema = cont.get("ema_weights")
-            ema = {k: v.float() if v.is_floating_point() else v for k, v in ema.items()} if ema else ckpt.state_dict
+            ema = cast_floats(ema, torch.float32) if ema else ckpt.state_dict
             self.ema.load_state_dict({"weights": ema, "updates": int(cont.get("ema_updates", 0))})
         self.epoch = int(cont["epoch"])
         self.global_iter = int(cont["global_iter"])
@@ -413,7 +414,7 @@ class Trainer:
             }
             if self.ema is not None:
                 continuation["ema_updates"] = self.ema.updates
-                continuation["raw_weights"] = {k: v.half() if v.is_floating_point() else v for k, v in raw.items()}
+                continuation["raw_weights"] = cast_floats(raw, torch.float16)
         return Checkpoint(
             model_config=self.model.config, state_dict=state_dict, class_names=list(self.info.class_names),
             palette=[list(c) for c in self.info.palette], mean=list(self.stats.mean_bgr),

@@ -25,15 +25,13 @@ int ecmnet_fp_mode_abi_version() { return ABI_VERSION; }
 // where the CPU has no such mode (not x86).
 int ecmnet_flush_denormals(int on, int threads) {
 #ifdef ECMNET_X86
-    int done = 0;
-    ecmnet_parallel::parallel(threads < 1 ? 1 : threads, [&](int, int n) {
+    int team = 0;
+    ecmnet_parallel::parallel(threads < 1 ? 1 : threads, [&](int t, int n) {
         const unsigned csr = _mm_getcsr();
         _mm_setcsr(on ? (csr | FTZ_DAZ) : (csr & ~FTZ_DAZ));
-#pragma omp atomic
-        done += 1;
-        (void)n;
+        if (t == 0) team = n;  // every thread of the team runs the body once
     });
-    return done;
+    return team;
 #else
     (void)on;
     (void)threads;
